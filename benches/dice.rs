@@ -1,0 +1,2 @@
+//! Benchmark placeholder for dice (see DESIGN.md §9).
+fn main() {}

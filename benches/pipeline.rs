@@ -1,0 +1,2 @@
+//! Benchmark placeholder for pipeline (see DESIGN.md §9).
+fn main() {}

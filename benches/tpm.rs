@@ -1,0 +1,2 @@
+//! Benchmark placeholder for tpm (see DESIGN.md §9).
+fn main() {}

@@ -1,0 +1,1 @@
+//! DICE derivation (CDI, DeviceID and Alias keys) and certificate issuance with rcgen.

@@ -1,0 +1,1 @@
+//! TPM endorsement-key reading through tss-esapi (DESIGN.md §6, reference/tpm-ek.md).

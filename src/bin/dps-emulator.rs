@@ -1,0 +1,2 @@
+//! `dps-emulator`: a local stand-in for the DPS service API (DESIGN.md §8).
+fn main() {}

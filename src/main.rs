@@ -1,0 +1,39 @@
+//! `dps-station` binary: parse the command line, set up logging, run, map the exit code.
+//! anyhow lives here only; the library returns typed errors.
+use std::process::ExitCode;
+
+use clap::Parser;
+use dps_station::cli::{self, Cli, Exit};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { Exit::Usage as u8 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    dps_station::station::logging::init(cli.global.verbose, cli.global.quiet);
+    match run(cli) {
+        Ok(Ok(exit)) => ExitCode::from(exit as u8),
+        Ok(Err(e)) => {
+            eprintln!("error: {}", e.message);
+            if let Some(h) = &e.hint {
+                eprintln!("hint: {h}");
+            }
+            ExitCode::from(e.exit as u8)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(Exit::Failed as u8)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<Result<Exit, cli::CliError>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    Ok(rt.block_on(cli::run(cli)))
+}

@@ -1,0 +1,2 @@
+//! The station daemon: trigger → pipeline → SQLite store → batcher → DPS → replies.
+pub mod logging;
