@@ -14,6 +14,9 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // Before any thread starts: silence the TSS C library's own stderr logging; TPM errors
+    // reach the user through our typed errors instead.
+    dps_station::attest::tpm::quiet_tss_logging();
     dps_station::station::logging::init(cli.global.verbose, cli.global.quiet);
     match run(cli) {
         Ok(Ok(exit)) => ExitCode::from(exit as u8),

@@ -118,6 +118,8 @@ pub enum Command {
     Status(station_cmds::StatusArgs),
     /// Board records for MES / traceability.
     Export(station_cmds::ExportArgs),
+    /// Pause, resume or drain the running daemon's intake.
+    Control(station_cmds::ControlArgs),
     /// Validate the config and reach every device and service it names.
     Check(check::CheckArgs),
     /// The embedded demo: emulator + swtpm boards + simulated scanner.
@@ -152,6 +154,7 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Scan(a) => station_cmds::scan(g, a).await,
         Command::Status(a) => station_cmds::status(g, a).await,
         Command::Export(a) => station_cmds::export(g, a).await,
+        Command::Control(a) => station_cmds::control(g, a).await,
         Command::Check(a) => check::run(g, a).await,
         Command::Demo(a) => station_cmds::demo(g, a).await,
         Command::Ek(a) => ek::run(g, a).await,

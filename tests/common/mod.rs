@@ -2,3 +2,8 @@
 //! `emulator` (start a DPS emulator on a free port), `swtpm` (fresh swtpm boards),
 //! `pty` (a real pty pair for the scanner). Not every test binary uses every helper.
 #![allow(dead_code)]
+pub mod emulator;
+pub mod pty;
+pub mod station;
+pub mod swtpm;
+pub mod tls;

@@ -1,1 +1,0 @@
-//! Station configuration (DESIGN.md §4): TOML, layered, validated with line-accurate errors.
