@@ -29,7 +29,7 @@ clippy: deps
 	$(CARGO) clippy --all-targets -- -D warnings
 
 test: deps fmt clippy
-	$(CARGO) test --all-targets -- --test-threads=4
+	$(CARGO) test --lib --bins --tests -- --test-threads=2
 	@# The Debian package, built from the debug binaries just tested, installed and removed.
 	@if [ "$$(id -u)" = 0 ]; then \
 	  deb=$$(DEB_NO_BUILD=1 DEB_PROFILE=dev scripts/deb.sh 2>/dev/null | tail -n1) && \

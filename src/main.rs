@@ -17,7 +17,12 @@ fn main() -> ExitCode {
     // Before any thread starts: silence the TSS C library's own stderr logging; TPM errors
     // reach the user through our typed errors instead.
     dps_station::attest::tpm::quiet_tss_logging();
-    dps_station::station::logging::init(cli.global.verbose, cli.global.quiet);
+    // The daemon logs at info by default (journald keeps it); one-shot commands at warn.
+    let verbose = match cli.command {
+        cli::Command::Run(_) => cli.global.verbose.max(1),
+        _ => cli.global.verbose,
+    };
+    dps_station::station::logging::init(verbose, cli.global.quiet);
     match run(cli) {
         Ok(Ok(exit)) => ExitCode::from(exit as u8),
         Ok(Err(e)) => {

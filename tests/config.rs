@@ -356,6 +356,17 @@ fn impossible_values_name_the_line_and_key() {
             "registration_id",
             "slot[fixture-1].registration_id",
         ),
+        // A registration id template that can never give a valid id.
+        (
+            format!("{MINIMAL}registration_id = \"board {{serial}}\"\n"),
+            "registration_id",
+            "slot[fixture-1].registration_id",
+        ),
+        (
+            format!("{MINIMAL}\n[enrollment]\nregistration_id = \"-{{serial}}\"\n"),
+            "registration_id",
+            "enrollment.registration_id",
+        ),
         (
             format!("{MINIMAL}\n[[slot]]\nname = \"fixture-1\"\nattestation = \"tpm\"\n"),
             "name = \"fixture-1\"\nattestation = \"tpm\"\n",
@@ -408,12 +419,54 @@ fn structural_requirements_are_checked() {
     assert_eq!(d.key.as_deref(), Some("dps"));
     let d = diag("[dps]\nconnection_string_file = \"/x\"\n");
     assert_eq!(d.key.as_deref(), Some("slot"));
-    let d = diag("[dps]\n[[slot]]\nname = \"a\"\nattestation = \"tpm\"\n");
+    // `[dps]` exists but names no connection string source: its header line.
+    let d = diag("# station\n\n[dps]\n[[slot]]\nname = \"a\"\nattestation = \"tpm\"\n");
     assert_eq!(d.key.as_deref(), Some("dps.connection_string_file"));
+    assert_eq!(d.line, Some(3), "{d}");
+    assert!(d.to_string().starts_with("station.toml:3: "), "{d}");
+    // A `[[slot]]` without a name: the slot's header line, also for an empty table.
     let d = diag("[dps]\nconnection_string_file = \"/x\"\n[[slot]]\nattestation = \"tpm\"\n");
     assert_eq!(d.key.as_deref(), Some("slot.name"));
-    // The slot's first key (a table header itself carries no position in every form).
-    assert_eq!(d.line, Some(4));
+    assert_eq!(d.line, Some(3), "{d}");
+    let d = diag(&format!(
+        "{MINIMAL}\n[[slot]]\n\n[control]\nsocket = \"/x\"\n"
+    ));
+    assert_eq!(d.key.as_deref(), Some("slot.name"));
+    let want = MINIMAL.lines().count() + 2;
+    assert_eq!(d.line, Some(want), "{d}");
+    // A slot without attestation: its header line.
+    let d = diag("[dps]\nconnection_string_file = \"/x\"\n\n[[slot]]\nname = \"a\"\n");
+    assert_eq!(d.key.as_deref(), Some("slot[a].attestation"));
+    assert_eq!(d.line, Some(4), "{d}");
+    // An unknown placeholder deep inside initial_twin: the line of that string, the key
+    // path down to it, in whichever file (config.d) wrote it.
+    let text = format!(
+        "{MINIMAL}\n[enrollment.initial_twin.tags]\nline = \"A\"\n\
+         [enrollment.initial_twin.tags.where]\nstation = \"st-{{slott}}\"\n"
+    );
+    let d = diag(&text);
+    assert_eq!(d.line, Some(line_of(&text, "st-{slott}")), "{d}");
+    assert_eq!(
+        d.key.as_deref(),
+        Some("enrollment.initial_twin.tags.where.station"),
+        "{d}"
+    );
+    assert!(d.message.contains("{slott}"), "{d}");
+    let dir = layered_dir(
+        MINIMAL,
+        &[(
+            "50-twin.toml",
+            "# twin\n[enrollment.initial_twin.properties.desired]\nfw = \"{fw}\"\n",
+        )],
+    );
+    let err = config::load_with_env(&dir.path().join("station.toml"), &[]).unwrap_err();
+    let d = err.diagnostic().unwrap();
+    assert!(d.origin.ends_with("config.d/50-twin.toml"), "{d}");
+    assert_eq!(d.line, Some(3), "{d}");
+    assert_eq!(
+        d.key.as_deref(),
+        Some("enrollment.initial_twin.properties.desired.fw")
+    );
 }
 
 #[test]
@@ -543,6 +596,7 @@ mod check {
     struct Station {
         dir: tempfile::TempDir,
         ca: dps_station::attest::ca::DevCaPaths,
+        http: String,
     }
 
     impl Station {
@@ -551,7 +605,11 @@ mod check {
             std::fs::create_dir(dir.path().join("state")).unwrap();
             let ca = dps_station::attest::ca::init_dev_ca(&dir.path().join("ca"), "Check Test CA")
                 .unwrap();
-            Station { dir, ca }
+            Station {
+                dir,
+                ca,
+                http: "127.0.0.1:0".into(),
+            }
         }
         fn p(&self, rel: &str) -> String {
             self.dir.path().join(rel).display().to_string()
@@ -594,7 +652,9 @@ port = "{port}"
 
 [control]
 socket = "{sock}"
+http = "{http}"
 "#,
+                http = self.http,
                 cs = self.p("cs"),
                 state = self.p("state/station.db"),
                 ca_cert = self.ca.intermediate_cert.display(),
@@ -630,6 +690,8 @@ socket = "{sock}"
             [
                 "config",
                 "state",
+                "control",
+                "http",
                 "tpm fixture-1",
                 "dice fixture-2",
                 "scanner",
@@ -667,7 +729,7 @@ socket = "{sock}"
         let human = check(&cfg, false).await;
         assert_eq!(human.code, 0);
         let lines: Vec<&str> = human.stdout.lines().collect();
-        assert_eq!(lines.len(), 6, "{}", human.stdout);
+        assert_eq!(lines.len(), 8, "{}", human.stdout);
         assert!(
             lines.iter().all(|l| l.starts_with("[ok]")),
             "{}",
@@ -691,7 +753,10 @@ socket = "{sock}"
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let st = Station::new();
+        let mut st = Station::new();
+        // An HTTP address someone else holds.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        st.http = taken.local_addr().unwrap().to_string();
         let cfg = st.write(
             &bad_cs,
             &format!("swtpm:host=127.0.0.1,port={dead_port}"),
@@ -706,12 +771,22 @@ socket = "{sock}"
         )
         .unwrap();
         std::fs::remove_dir(st.dir.path().join("state")).unwrap();
+        // A regular file where the control socket goes: `run` would refuse it.
+        std::fs::write(st.dir.path().join("control.sock"), "not a socket").unwrap();
 
         let run = check(&cfg, true).await;
         assert_eq!(run.code, 1, "{}\n{}", run.stdout, run.stderr);
         assert_eq!(run.json()["ok"], false);
         assert!(run.item("config").0);
-        for name in ["state", "tpm fixture-1", "dice fixture-2", "scanner", "dps"] {
+        for name in [
+            "state",
+            "control",
+            "http",
+            "tpm fixture-1",
+            "dice fixture-2",
+            "scanner",
+            "dps",
+        ] {
             let (ok, detail) = run.item(name);
             assert!(!ok, "{name} should fail: {detail}");
         }
@@ -736,6 +811,12 @@ socket = "{sock}"
             run.stdout
         );
         assert!(run.item("dps").1.contains("401"), "{}", run.stdout);
+        assert!(
+            run.item("control").1.contains("not a socket"),
+            "{}",
+            run.stdout
+        );
+        assert!(run.item("http").1.contains(&st.http), "{}", run.stdout);
         let real_key = cs.split_once("SharedAccessKey=").unwrap().1;
         for out in [&run.stdout, &run.stderr] {
             assert!(!out.contains(wrong_key) && !out.contains(real_key), "{out}");
@@ -750,7 +831,7 @@ socket = "{sock}"
                 .lines()
                 .filter(|l| l.starts_with("[FAIL]"))
                 .count(),
-            5,
+            7,
             "{}",
             human.stdout
         );
@@ -787,6 +868,61 @@ socket = "{sock}"
         let (ok, detail) = run.item("tpm fixture-1");
         assert!(!ok);
         assert!(detail.contains("TPM_RC_HANDLE"), "{detail}");
+        emu.shutdown().await;
+    }
+
+    /// On a live station the daemon holds the scanner port, the control socket and the HTTP
+    /// address: `check` reports the daemon's own view instead of failing on "busy".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn check_on_a_live_station_reports_what_the_daemon_holds() {
+        let emu = dps_station::emulator::start(Default::default())
+            .await
+            .unwrap();
+        let tpm = board(SwtpmVariant::EkPersistedWithCert);
+        let scanner = Scanner::new();
+        let mut st = Station::new();
+        st.http = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let cfg = st.write(
+            &emu.connection_string(),
+            &tpm.tcti(),
+            "read-only",
+            &scanner.slave_path.display().to_string(),
+        );
+        let d =
+            dps_station::station::daemon::Daemon::start(dps_station::config::load(&cfg).unwrap())
+                .await
+                .expect("daemon starts");
+        let mut up = false;
+        for _ in 0..500 {
+            let t = d.pipeline.status().await.trigger.unwrap_or_default();
+            if t["connected"] == true {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(up, "the daemon opened the scanner");
+        let run = check(&cfg, true).await;
+        assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+        assert!(
+            run.item("control").1.contains("daemon is running"),
+            "{}",
+            run.stdout
+        );
+        assert!(
+            run.item("http").1.contains("served by the running daemon"),
+            "{}",
+            run.stdout
+        );
+        assert!(
+            run.item("scanner").1.contains("open in the running daemon"),
+            "{}",
+            run.stdout
+        );
+        d.shutdown().await;
         emu.shutdown().await;
     }
 

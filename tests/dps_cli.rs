@@ -143,17 +143,30 @@ fn assert_usage(out: &Out, needle: &str) {
         "expected exit 2\nstdout: {}\nstderr: {}",
         out.stdout, out.stderr
     );
-    assert!(out.stderr.starts_with("error: "), "stderr: {}", out.stderr);
+    assert_one_error_line(out);
     assert!(
         out.stderr.to_lowercase().contains(&needle.to_lowercase()),
         "stderr lacks {needle:?}: {}",
         out.stderr
     );
+}
+
+/// DESIGN §3: an error is one `error: …` line on stderr, optionally one `hint: …` line,
+/// and nothing else (no log lines on the way).
+fn assert_one_error_line(out: &Out) {
+    let lines: Vec<&str> = out.stderr.lines().collect();
     assert!(
-        out.stderr.lines().count() <= 2,
-        "one error line (+ hint): {}",
+        matches!(lines.len(), 1 | 2) && lines[0].starts_with("error: "),
+        "one error line: {}",
         out.stderr
     );
+    if let Some(hint) = lines.get(1) {
+        assert!(
+            hint.starts_with("hint: "),
+            "second line is a hint: {}",
+            out.stderr
+        );
+    }
 }
 
 fn assert_failed(out: &Out, needle: &str) {
@@ -162,7 +175,7 @@ fn assert_failed(out: &Out, needle: &str) {
         "expected exit 1\nstdout: {}\nstderr: {}",
         out.stdout, out.stderr
     );
-    assert!(out.stderr.starts_with("error: "), "stderr: {}", out.stderr);
+    assert_one_error_line(out);
     assert!(
         out.stderr.to_lowercase().contains(&needle.to_lowercase()),
         "stderr lacks {needle:?}: {}",
@@ -292,6 +305,7 @@ async fn tpm_enrollment_lifecycle_get_update_attestation_query_delete() {
     env.run(&["enrollment", "delete", "board-0001"]).await.ok();
     let missing = env.run(&["enrollment", "get", "board-0001"]).await;
     assert_failed(&missing, "not found");
+    assert_eq!(missing.stdout, "", "nothing on stdout for a failure");
     assert!(
         missing.stderr.contains("board-0001") && missing.stderr.contains("404"),
         "{}",
@@ -717,8 +731,9 @@ async fn bad_request_400_from_the_service() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn throttling_429_then_success_and_retry_after_is_honoured() {
-    // 429 (and 503) answered without Retry-After: backoff with jitter, then success.
+async fn transient_failures_are_retried_quietly_within_the_budget() {
+    // 429 and 503 answered without Retry-After, and dropped connections: backoff with
+    // jitter, then success. Retries are logged at INFO: silent by default, shown with -v.
     let env = Env::new().await;
     env.run(&[
         "enrollment",
@@ -730,11 +745,14 @@ async fn throttling_429_then_success_and_retry_after_is_honoured() {
     ])
     .await
     .ok();
-    for spec in [
+    for (i, spec) in [
         "error-rate=1,status=429",
         "error-rate=1,status=503",
         "reset-rate=1",
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         env.emu.set_faults(spec).unwrap();
         let before = env.requests();
         let clear = async {
@@ -744,50 +762,112 @@ async fn throttling_429_then_success_and_retry_after_is_honoured() {
             }
             env.emu.set_faults("").unwrap();
         };
-        let (out, ()) = tokio::join!(env.run(&["enrollment", "get", "thr-1", "--json"]), clear);
+        let verbose = i == 0;
+        let args: &[&str] = if verbose {
+            &["-v", "enrollment", "get", "thr-1", "--json"]
+        } else {
+            &["enrollment", "get", "thr-1", "--json"]
+        };
+        let (out, ()) = tokio::join!(env.run(args), clear);
         let out = out.ok();
         assert_eq!(out.json()["registrationId"], "thr-1");
         assert!(
             env.requests() >= before + 3,
-            "failed at least twice, then succeeded"
+            "{spec}: failed at least twice, then succeeded"
         );
+        if verbose {
+            assert!(out.stderr.contains("retrying"), "{spec}: {}", out.stderr);
+            assert!(!out.stderr.contains("WARN"), "{spec}: {}", out.stderr);
+        } else {
+            assert_eq!(out.stderr, "", "{spec}: retries are not warnings");
+        }
     }
 
-    // A service that stays down: the retry budget bounds the whole operation.
+    // A service that stays down: the retry budget bounds the whole operation, and the
+    // user sees one error line (no retry log lines before it).
     env.emu.set_faults("error-rate=1,status=503").unwrap();
     let t = Instant::now();
-    // (-q: the retry warnings logged on the way are not what this asserts on.)
     let out = env
-        .run(&["-q", "--retry-budget", "2s", "enrollment", "get", "thr-1"])
+        .run(&["--retry-budget", "2s", "enrollment", "get", "thr-1"])
         .await;
     assert_failed(&out, "gave up after");
     assert!(out.stderr.contains("503"), "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
     assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
     let out = env
-        .run(&["-q", "--retry-budget", "0", "enrollment", "get", "thr-1"])
+        .run(&["--retry-budget", "0", "enrollment", "get", "thr-1"])
         .await;
     assert_failed(&out, "503");
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
     env.emu.set_faults("").unwrap();
 
-    // The emulator's quota: ops_per_minute=2 sliding window, Retry-After ≈ 60 s. With a
-    // retry budget shorter than Retry-After the client gives up at once rather than
+    // The emulator's quota at 3/min: bursts of 1 and a token every 20 s. With a retry
+    // budget shorter than the Retry-After the client gives up at once rather than
     // hammering or cutting the wait short: exactly one 429.
-    env.emu.set_ops_per_minute(Some(2));
-    env.run(&["enrollment", "get", "thr-1"]).await.ok();
+    env.emu.set_ops_per_minute(Some(3));
     env.run(&["enrollment", "get", "thr-1"]).await.ok();
     let t = Instant::now();
     let out = env
-        .run(&["-q", "--retry-budget", "10s", "enrollment", "get", "thr-1"])
+        .run(&["--retry-budget", "10s", "enrollment", "get", "thr-1"])
         .await;
     assert_failed(&out, "throttled");
     assert!(out.stderr.contains("429"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("hint: the service asked to wait ")
+            && out.stderr.contains(" s; raise --retry-budget"),
+        "{}",
+        out.stderr
+    );
     assert!(
         t.elapsed() < Duration::from_secs(8),
         "did not wait for a Retry-After beyond the budget"
     );
     assert_eq!(env.emu.stats().throttled, 1);
 
-    // Library: the client's own pacing keeps it under the quota (no 429 at all).
+    // Library: a response slower than the request timeout is a timeout, retried.
+    env.emu.set_ops_per_minute(None);
+    env.emu.set_faults("latency=600ms").unwrap();
+    let slow = ClientOptions {
+        request_timeout: Duration::from_millis(200),
+        retry_budget: Duration::ZERO,
+        ..ClientOptions::default()
+    };
+    let e = env
+        .library_client(slow.clone())
+        .get_enrollment("thr-1")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DpsError::Transport {
+                kind: dps_station::dps::TransportKind::Timeout,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.is_retryable());
+    let c = env.library_client(ClientOptions {
+        retry_budget: Duration::from_secs(20),
+        ..slow
+    });
+    let before = env.requests();
+    let clear = async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while env.requests() < before + 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        env.emu.set_faults("").unwrap();
+    };
+    let (r, ()) = tokio::join!(c.get_enrollment("thr-1"), clear);
+    assert_eq!(r.unwrap().registration_id, "thr-1");
+    assert!(
+        env.requests() >= before + 3,
+        "timed out twice, then answered"
+    );
+
+    // Library: the client's own pacing spaces requests evenly (120/min = 0.5 s apart).
     env.emu.set_ops_per_minute(Some(600));
     let c = env.library_client(ClientOptions {
         max_operations_per_minute: Some(120),
@@ -803,6 +883,74 @@ async fn throttling_429_then_success_and_retry_after_is_honoured() {
         t.elapsed()
     );
     assert_eq!(env.emu.stats().throttled, 1, "pacing avoided 429s");
+    assert_eq!(env.emu.stats().by_operation.len(), 2, "create and get only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_over_the_quota_gets_429_waits_out_retry_after_and_all_succeed() {
+    // 60 per minute: one token a second, bursts of 6. Ten CLI calls at once: some are
+    // answered 429 + Retry-After, wait it out (well inside --retry-budget) and succeed.
+    let env = Env::with(EmulatorOptions {
+        ops_per_minute: Some(60),
+        ..Default::default()
+    })
+    .await;
+    env.run(&[
+        "enrollment",
+        "create",
+        "--registration-id",
+        "burst-1",
+        "--tpm-ek",
+        EK,
+    ])
+    .await
+    .ok();
+    let t = Instant::now();
+    // -v shows each retry (at INFO) with the delay the client chose.
+    let calls = (0..10).map(|_| {
+        env.run(&[
+            "-v",
+            "--retry-budget",
+            "30s",
+            "enrollment",
+            "get",
+            "burst-1",
+            "--json",
+        ])
+    });
+    let outs = futures::future::join_all(calls).await;
+    let elapsed = t.elapsed();
+    let mut retries = 0;
+    for out in outs {
+        let out = out.ok();
+        assert_eq!(out.json()["registrationId"], "burst-1");
+        for line in out.stderr.lines() {
+            assert!(
+                line.contains("INFO") && line.contains("retrying") && line.contains("429"),
+                "only INFO retry lines for 429s: {line}"
+            );
+            let delay_ms: u64 = line
+                .split("delay_ms=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no delay_ms in {line}"));
+            assert!(delay_ms >= 1000, "waited out Retry-After (1 s): {line}");
+            retries += 1;
+        }
+    }
+    let stats = env.emu.stats();
+    assert!(
+        stats.throttled > 0,
+        "the burst exceeded the quota: {stats:?}"
+    );
+    assert_eq!(
+        retries, stats.throttled,
+        "every 429 was retried after its Retry-After"
+    );
+    // Five calls beyond the bucket at one token a second: done in a few seconds.
+    assert!(elapsed >= Duration::from_secs(1), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1020,8 +1168,11 @@ async fn library_bulk_chunking_and_unknown_fields_survive_update() {
     assert_eq!((rep.requests, rep.failed(), rep.succeeded()), (3, 0, 23));
     assert_eq!(calls, vec![10, 20, 23]);
 
-    // Fields the model does not know survive get → update.
+    // Fields the model does not know (a newer service's) survive get → update, through
+    // the library and through `enrollment update`.
     let mut got = c.get_enrollment("lib-0").await.unwrap();
+    got.extra
+        .insert("credentialPolicyName".into(), json!("line-a-policy"));
     got.extra.insert("futureField".into(), json!({"a": 1}));
     let etag = got.etag.clone();
     let put = c
@@ -1029,6 +1180,26 @@ async fn library_bulk_chunking_and_unknown_fields_survive_update() {
         .await
         .unwrap();
     assert_ne!(put.etag, etag);
+    let upd = env
+        .run(&[
+            "enrollment",
+            "update",
+            "lib-0",
+            "--device-id",
+            "dev-x",
+            "--json",
+        ])
+        .await
+        .ok()
+        .json();
+    assert_eq!(upd["deviceId"], "dev-x");
+    let again = c.get_enrollment("lib-0").await.unwrap();
+    assert_eq!(again.device_id.as_deref(), Some("dev-x"));
+    assert_eq!(again.extra.get("futureField"), Some(&json!({"a": 1})));
+    assert_eq!(
+        again.extra.get("credentialPolicyName"),
+        Some(&json!("line-a-policy"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1114,6 +1285,13 @@ async fn bad_input_exits_2_and_sends_nothing() {
         .run(&["--retry-budget", "soon", "enrollment", "get", "x-1"])
         .await;
     assert_usage(&out, "--retry-budget");
+    // --resolve is global: a bad one is refused before or after the subcommand.
+    for args in [
+        &["--resolve", "nohost", "enrollment", "get", "x-1"][..],
+        &["enrollment", "get", "x-1", "--resolve", "h:not-an-ip"][..],
+    ] {
+        assert_usage(&env.run(args).await, "--resolve");
+    }
 
     // Invalid registration ids.
     let long = "a".repeat(129);
@@ -1270,6 +1448,16 @@ async fn bad_input_exits_2_and_sends_nothing() {
             "line 2",
         ),
         (
+            "short.csv",
+            format!("registrationId,endorsementKey,deviceId\nr-1,{EK},d-1\nr-2,{EK}\n"),
+            "line 3",
+        ),
+        (
+            "nokey.csv",
+            "registrationId,deviceId\nr-1,d-1\n".into(),
+            "endorsementKey or a certificateFile column",
+        ),
+        (
             "typo.csv",
             format!("registrationId,endorsmentKey\nr-1,{EK}\n"),
             "unknown column",
@@ -1374,4 +1562,465 @@ async fn fixture_bulk_files_are_valid() {
         e["iotHubs"],
         json!(["line-a.azure-devices.net", "line-b.azure-devices.net"])
     );
+}
+
+/// Seed a device registration state through the emulator's admin endpoint, as if the
+/// device had registered through `group` (not part of DPS; see src/emulator/service.rs).
+async fn seed_registration(env: &Env, id: &str, group: &str) {
+    let r = reqwest::Client::new()
+        .put(format!(
+            "{}/_emulator/registrations/{id}",
+            env.emu.base_url()
+        ))
+        .body(
+            json!({"enrollmentGroupId": group, "assignedHub": "line-a.azure-devices.net",
+                   "deviceId": id})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_states_get_query_across_pages_and_delete() {
+    let env = Env::new().await;
+    for i in 0..5 {
+        seed_registration(&env, &format!("reg-{i}"), "line-a").await;
+    }
+    seed_registration(&env, "other-0", "line-b").await;
+
+    // `registration query GROUP_ID` follows x-ms-continuation and prints one JSON array.
+    let all = env
+        .run(&[
+            "registration",
+            "query",
+            "line-a",
+            "--page-size",
+            "2",
+            "--json",
+        ])
+        .await
+        .ok()
+        .json();
+    let ids: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["registrationId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["reg-0", "reg-1", "reg-2", "reg-3", "reg-4"]);
+    assert_eq!(
+        env.op_count("DeviceRegistrationState_Query"),
+        3,
+        "pages 2, 2, 1"
+    );
+    let table = env.run(&["registration", "query", "line-a"]).await.ok();
+    assert!(
+        table.stdout.starts_with("REGISTRATION ID") && table.stdout.contains("5 registration(s)"),
+        "{}",
+        table.stdout
+    );
+
+    let got = env
+        .run(&["registration", "get", "REG-1", "--json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(got["registrationId"], "reg-1");
+    assert_eq!(got["status"], "assigned");
+    assert_eq!(got["assignedHub"], "line-a.azure-devices.net");
+    let etag = got["etag"].as_str().unwrap().to_string();
+
+    // A stale etag is a 412 (exit 1); the current one deletes.
+    let out = env
+        .run(&["registration", "delete", "reg-1", "--etag", "c3RhbGU="])
+        .await;
+    assert_failed(&out, "etag conflict");
+    env.run(&["registration", "delete", "reg-1", "--etag", &etag])
+        .await
+        .ok();
+    assert_failed(
+        &env.run(&["registration", "get", "reg-1"]).await,
+        "not found",
+    );
+    let left = env
+        .run(&["registration", "query", "line-a", "--json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(left.as_array().unwrap().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_groups_chunks_partial_failure_and_delete() {
+    let env = Env::new().await;
+    let group = |i: usize| {
+        json!({"enrollmentGroupId": format!("grp-{i}"),
+               "attestation": {"type": "x509", "x509": {"caReferences": {"primary": "line-ca"}}}})
+    };
+    let twelve: Vec<Value> = (0..12).map(group).collect();
+    let f = env.write("groups.json", &serde_json::to_string(&twelve).unwrap());
+    let rep = env
+        .run(&[
+            "bulk",
+            "create",
+            "--groups",
+            "--file",
+            f.to_str().unwrap(),
+            "--json",
+        ])
+        .await
+        .ok()
+        .json();
+    assert_eq!(rep, json!({"isSuccessful": true, "errors": []}));
+    assert_eq!(
+        env.op_count("EnrollmentGroup_RunBulkOperation"),
+        2,
+        "chunks of 10 + 2"
+    );
+    assert_eq!(
+        env.run(&["group", "query", "--json"])
+            .await
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        12
+    );
+
+    // Two existing groups and one new: exit 3, the group-shaped per-item errors.
+    let mixed: Vec<Value> = vec![group(0), group(12), group(5)];
+    let f = env.write("mixed.json", &serde_json::to_string(&mixed).unwrap());
+    let out = env
+        .run(&[
+            "bulk",
+            "create",
+            "--groups",
+            "--file",
+            f.to_str().unwrap(),
+            "--json",
+        ])
+        .await;
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    let rep = out.json();
+    assert_eq!(rep["isSuccessful"], false);
+    let errs = rep["errors"].as_array().unwrap();
+    assert_eq!(errs.len(), 2);
+    assert_eq!(errs[0]["enrollmentGroupId"], "grp-0");
+    assert_eq!(errs[0]["errorCode"], 409202);
+    assert_eq!(errs[1]["enrollmentGroupId"], "grp-5");
+    let table = env
+        .run(&["bulk", "create", "--groups", "--file", f.to_str().unwrap()])
+        .await;
+    assert_eq!(table.code, 1, "all three exist now: {}", table.stdout);
+    assert!(table.stdout.starts_with("GROUP ID"), "{}", table.stdout);
+
+    // Bulk delete of all 13 groups (2 requests).
+    let all: Vec<Value> = (0..13).map(group).collect();
+    let f = env.write("all.json", &serde_json::to_string(&all).unwrap());
+    env.run(&["bulk", "delete", "--groups", "--file", f.to_str().unwrap()])
+        .await
+        .ok();
+    assert_eq!(
+        env.run(&["group", "query", "--json"]).await.ok().json(),
+        json!([])
+    );
+
+    // Bad group files exit 2 and send nothing.
+    let before = env.requests();
+    for (name, text, needle) in [
+        ("g.csv", "enrollmentGroupId\ng-1\n".to_string(), "not CSV"),
+        ("g-obj.json", group(1).to_string(), "JSON array"),
+        (
+            "g-badid.json",
+            json!([{"enrollmentGroupId": "bad id", "attestation": {"type": "x509"}}]).to_string(),
+            "enrollmentGroupId",
+        ),
+    ] {
+        let f = env.write(name, &text);
+        let out = env
+            .run(&["bulk", "create", "--groups", "--file", f.to_str().unwrap()])
+            .await;
+        assert_usage(&out, needle);
+    }
+    assert_eq!(env.requests(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sas_tokens_are_renewed_before_they_expire() {
+    // Tokens valid for 3 s are renewed once 1 s is left. The emulator refuses an expired
+    // token (401), so the second call succeeds only if the client signed a fresh one.
+    let env = Env::new().await;
+    let c = env
+        .library_client(ClientOptions {
+            retry_budget: Duration::ZERO,
+            ..ClientOptions::default()
+        })
+        .with_sas_ttl(Duration::from_secs(3));
+    let e = c.get_enrollment("renew-1").await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    tokio::time::sleep(Duration::from_millis(3300)).await;
+    let e = c.get_enrollment("renew-1").await.unwrap_err();
+    assert!(e.is_not_found(), "a fresh token, not a 401: {e}");
+    // Control: the same wait with a token that is never renewed is refused.
+    let p = common::emulator::parse_connection_string(&env.emu.connection_string());
+    let se = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 2;
+    let fixed = common::emulator::sas_token_at(&p.host_name, &p.policy, &p.key, se);
+    let c = env
+        .library_client(ClientOptions {
+            retry_budget: Duration::ZERO,
+            ..ClientOptions::default()
+        })
+        .with_sas_token(dps_station::secret::Secret::new(fixed));
+    assert!(c
+        .get_enrollment("renew-1")
+        .await
+        .unwrap_err()
+        .is_not_found());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let e = c.get_enrollment("renew-1").await.unwrap_err();
+    assert!(matches!(e, DpsError::Unauthorized(_)), "{e}");
+    assert_eq!(env.op_count("IndividualEnrollment_Get"), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_of_the_spec_is_reachable_from_the_command_line() {
+    // The operationIds come from the vendored spec, not from the emulator or the client.
+    let spec: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/spec/dps-service-2021-10-01.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut spec_ops: Vec<String> = spec["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|p| p.as_object().unwrap().values())
+        .filter_map(|op| op["operationId"].as_str().map(str::to_string))
+        .collect();
+    spec_ops.sort();
+    assert_eq!(spec_ops.len(), 15, "{spec_ops:?}");
+
+    let env = Env::new().await;
+    let ca = env.write("ca.pem", &common::tls::ca_cert_pem("Line CA"));
+    let ca = ca.to_str().unwrap();
+    let runs: Vec<Vec<&str>> = vec![
+        vec![
+            "enrollment",
+            "create",
+            "--registration-id",
+            "op-1",
+            "--tpm-ek",
+            EK,
+        ],
+        vec!["enrollment", "get", "op-1"],
+        vec!["enrollment", "update", "op-1", "--device-id", "d-1"],
+        vec!["enrollment", "attestation", "op-1"],
+        vec!["enrollment", "query"],
+        vec!["enrollment", "delete", "op-1"],
+        vec!["group", "create", "--group-id", "g-1", "--x509-ca-cert", ca],
+        vec!["group", "get", "g-1"],
+        vec![
+            "group",
+            "update",
+            "g-1",
+            "--provisioning-status",
+            "disabled",
+        ],
+        vec!["group", "attestation", "g-1"],
+        vec!["group", "query"],
+        vec!["group", "delete", "g-1"],
+        vec!["registration", "get", "dev-1"],
+        vec!["registration", "query", "g-1"],
+        vec!["registration", "delete", "dev-1"],
+    ];
+    seed_registration(&env, "dev-1", "g-1").await;
+    for args in &runs {
+        let out = env.run(args).await;
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+    }
+    let one = env.write(
+        "one.json",
+        &serde_json::to_string(&vec![tpm_item("op-2")]).unwrap(),
+    );
+    env.run(&["bulk", "create", "--file", one.to_str().unwrap()])
+        .await
+        .ok();
+    let grp = env.write(
+        "grp.json",
+        &json!([{"enrollmentGroupId": "g-2",
+                 "attestation": {"type": "x509", "x509": {"caReferences": {"primary": "ca"}}}}])
+        .to_string(),
+    );
+    env.run(&[
+        "bulk",
+        "create",
+        "--groups",
+        "--file",
+        grp.to_str().unwrap(),
+    ])
+    .await
+    .ok();
+    let seen: Vec<String> = env.emu.stats().by_operation.keys().cloned().collect();
+    assert_eq!(
+        seen, spec_ops,
+        "every spec operation was called, and nothing else"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_shows_a_progress_bar_on_a_terminal_and_nothing_on_a_pipe() {
+    use std::io::Read as _;
+    let env = Env::new().await;
+    // Slow answers, so the bar is drawn between chunks.
+    env.emu.set_faults("latency=150ms").unwrap();
+    let items: Vec<Value> = (0..25).map(|i| tpm_item(&format!("pb-{i}"))).collect();
+    let f = env.write("pb.json", &serde_json::to_string(&items).unwrap());
+    let pty = nix::pty::openpty(None, None).expect("open a pty pair");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dps-station"))
+        .args([
+            "--connection-string-file",
+            env.cs_file.to_str().unwrap(),
+            "bulk",
+            "create",
+            "--file",
+            f.to_str().unwrap(),
+        ])
+        .env_remove("DPS_CONNECTION_STRING")
+        .env_remove("DPS_STATION_RESOLVE")
+        .env("TERM", "xterm")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::from(pty.slave))
+        .spawn()
+        .expect("run dps-station");
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        // Reads end with EIO once the child (the only holder of the slave) exits.
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = master.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let terminal = reader.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{terminal}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("25 item(s) in 3 request(s)"), "{stdout}");
+    assert!(
+        terminal.contains("bulk create") && terminal.contains("/25 items"),
+        "a progress bar on the terminal: {terminal:?}"
+    );
+
+    // Not a terminal: no bar, nothing on stderr.
+    let items: Vec<Value> = (0..12).map(|i| tpm_item(&format!("pb2-{i}"))).collect();
+    let f = env.write("pb2.json", &serde_json::to_string(&items).unwrap());
+    let out = env
+        .run(&["bulk", "create", "--file", f.to_str().unwrap()])
+        .await
+        .ok();
+    assert_eq!(out.stderr, "");
+    env.emu.set_faults("").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_connection_string_flag_the_station_config_dps_section_is_used() {
+    let env = Env::new().await;
+    let cfg = env.write(
+        "station.toml",
+        &format!(
+            "[dps]\nconnection_string_file = {:?}\nmax_operations_per_minute = 120\n\n\
+             [[slot]]\nname = \"fixture-1\"\nattestation = \"tpm\"\n",
+            env.cs_file
+        ),
+    );
+    let cfg = cfg.to_str().unwrap();
+    // 25 items = 3 bulk requests, paced to 120/min (0.5 s apart) by the config.
+    let items: Vec<Value> = (0..25).map(|i| tpm_item(&format!("cfg-{i}"))).collect();
+    let f = env.write("cfg.json", &serde_json::to_string(&items).unwrap());
+    let t = Instant::now();
+    let out = env
+        .run_raw(
+            &[
+                "--config",
+                cfg,
+                "bulk",
+                "create",
+                "--file",
+                f.to_str().unwrap(),
+            ],
+            &[],
+        )
+        .await
+        .ok();
+    assert!(
+        out.stdout.contains("25 item(s) in 3 request(s)"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(950),
+        "paced: {:?}",
+        t.elapsed()
+    );
+    // The config may also come from the environment, like every other command.
+    let got = env
+        .run_raw(
+            &["enrollment", "get", "cfg-3", "--json"],
+            &[("DPS_STATION_CONFIG", cfg)],
+        )
+        .await
+        .ok()
+        .json();
+    assert_eq!(got["registrationId"], "cfg-3");
+
+    // A broken config is a usage error naming the file; nothing is sent.
+    let before = env.requests();
+    let bad = env.write("bad.toml", "[dps]\nconnection_string_file = 5\n");
+    let out = env
+        .run_raw(
+            &[
+                "--config",
+                bad.to_str().unwrap(),
+                "enrollment",
+                "get",
+                "cfg-3",
+            ],
+            &[],
+        )
+        .await;
+    assert_usage(&out, "bad.toml");
+    // No config file and no connection string: the error says how to give one.
+    let out = env
+        .run_raw(
+            &[
+                "--config",
+                "/nonexistent/station.toml",
+                "enrollment",
+                "get",
+                "cfg-3",
+            ],
+            &[],
+        )
+        .await;
+    assert_usage(&out, "--connection-string-file");
+    assert_eq!(env.requests(), before);
 }

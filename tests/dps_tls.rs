@@ -1,6 +1,8 @@
 //! The DPS command line over TLS: a test CA, an emulator serving a certificate for a
 //! real-looking DPS host name, and the client resolving that name to 127.0.0.1 with
 //! `--resolve`, so SAS signs `test-dps.azure-devices-provisioning.net` as in production.
+//! Covers the lifecycle, bulk and paged queries, and every error path (400, the three 401s,
+//! 404, 409, 412, 429 then success, bulk partial failure) once more over TLS.
 mod common;
 
 use std::path::PathBuf;
@@ -78,9 +80,11 @@ impl TlsEnv {
             &self.endpoint,
             "--ca-file",
             self.pki.ca_file.to_str().unwrap(),
+            // A global option: before the subcommand here, after it in other tests.
+            "--resolve",
+            &resolve,
         ];
         full.extend_from_slice(args);
-        full.extend_from_slice(&["--resolve", &resolve]);
         self.run_raw(&full, &[]).await
     }
 
@@ -288,6 +292,12 @@ async fn untrusted_certificate_fails_fast_with_a_hint_and_no_retries() {
         "hint names --ca-file: {}",
         out.stderr
     );
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert!(
+        lines.len() == 2 && lines[0].starts_with("error: ") && lines[1].starts_with("hint: "),
+        "one error line and a hint, no TLS library warnings: {}",
+        out.stderr
+    );
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "a TLS failure is not retried for 5 minutes"
@@ -350,4 +360,159 @@ async fn untrusted_certificate_fails_fast_with_a_hint_and_no_retries() {
         .await;
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("loopback"), "{}", out.stderr);
+}
+
+impl TlsEnv {
+    /// A library client that reaches the emulator the way the CLI does here.
+    fn library_client(&self, cs: ConnectionString) -> DpsClient {
+        DpsClient::new(
+            cs,
+            ClientOptions {
+                endpoint: Some(self.endpoint.clone()),
+                ca_file: Some(self.pki.ca_file.clone()),
+                resolve: vec![(HOST.to_string(), "127.0.0.1:0".parse().unwrap())],
+                retry_budget: Duration::from_secs(20),
+                ..ClientOptions::default()
+            },
+        )
+        .unwrap()
+    }
+}
+
+fn assert_one_error_line(out: &Out, code: i32, needle: &str) {
+    assert_eq!(
+        out.code, code,
+        "stdout: {}\nstderr: {}",
+        out.stdout, out.stderr
+    );
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert!(
+        matches!(lines.len(), 1 | 2) && lines[0].starts_with("error: "),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.to_lowercase().contains(&needle.to_lowercase()),
+        "stderr lacks {needle:?}: {}",
+        out.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_path_over_tls() {
+    use dps_station::dps::{AttestationMechanism, IndividualEnrollment};
+    let env = TlsEnv::new().await;
+    let cs = ConnectionString::parse(&env.emu.connection_string()).unwrap();
+    env.run(&[
+        "enrollment",
+        "create",
+        "--registration-id",
+        "e-1",
+        "--tpm-ek",
+        EK,
+    ])
+    .await
+    .ok();
+
+    // 404 and 409: exit 1, one line.
+    assert_one_error_line(
+        &env.run(&["enrollment", "get", "missing-1"]).await,
+        1,
+        "not found",
+    );
+    assert_one_error_line(
+        &env.run(&[
+            "enrollment",
+            "create",
+            "--registration-id",
+            "e-1",
+            "--tpm-ek",
+            EK,
+        ])
+        .await,
+        1,
+        "already exists",
+    );
+
+    // 400: the service refuses an EK that is not a TPM2B (sent through the library,
+    // because the CLI refuses it before sending).
+    let c = env.library_client(cs.clone());
+    let err = c
+        .create_or_update_enrollment(
+            &IndividualEnrollment::new("bad-ek-1", AttestationMechanism::tpm("AA==")),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DpsError::BadRequest(_)), "{err}");
+
+    // 401: wrong key (CLI), expired token, wrong policy (library).
+    let p = common::emulator::parse_connection_string(&env.emu.connection_string());
+    let wrong = env.dir.path().join("wrong-cs");
+    std::fs::write(
+        &wrong,
+        format!(
+            "HostName={};SharedAccessKeyName={};SharedAccessKey=MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+            p.host_name, p.policy
+        ),
+    )
+    .unwrap();
+    let resolve = format!("{HOST}:127.0.0.1");
+    let out = env
+        .run_raw(
+            &[
+                "--connection-string-file",
+                wrong.to_str().unwrap(),
+                "--endpoint",
+                &env.endpoint,
+                "--ca-file",
+                env.pki.ca_file.to_str().unwrap(),
+                "--resolve",
+                &resolve,
+                "enrollment",
+                "get",
+                "e-1",
+            ],
+            &[],
+        )
+        .await;
+    assert_one_error_line(&out, 1, "401");
+    let expired = common::emulator::sas_token_at(&p.host_name, &p.policy, &p.key, 1_000_000);
+    let e = env
+        .library_client(cs.clone())
+        .with_sas_token(dps_station::secret::Secret::new(expired))
+        .get_enrollment("e-1")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DpsError::Unauthorized(_)), "{e}");
+    let e = env
+        .library_client(cs.with_key_name("enrollmentread"))
+        .get_enrollment("e-1")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DpsError::Unauthorized(_)), "{e}");
+
+    // Bulk partial failure: one existing id among new ones → exit 3.
+    let items: Vec<Value> = ["e-1", "e-2", "e-3"]
+        .iter()
+        .map(|id| json!({"registrationId": id, "attestation": {"type": "tpm", "tpm": {"endorsementKey": EK}}}))
+        .collect();
+    let f = env.dir.path().join("partial.json");
+    std::fs::write(&f, serde_json::to_string(&items).unwrap()).unwrap();
+    let out = env
+        .run(&["bulk", "create", "--file", f.to_str().unwrap(), "--json"])
+        .await;
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    let rep = out.json();
+    assert_eq!(rep["errors"][0]["registrationId"], "e-1");
+    assert_eq!(rep["errors"][0]["errorCode"], 409201);
+
+    // 429 + Retry-After, then success: a quota of 60/min (bursts of 6), 9 calls at once.
+    env.emu.set_ops_per_minute(Some(60));
+    let c = env.library_client(cs.clone());
+    let calls = (0..9).map(|_| c.get_enrollment("e-2"));
+    for r in futures::future::join_all(calls).await {
+        assert_eq!(r.unwrap().registration_id, "e-2");
+    }
+    assert!(env.emu.stats().throttled > 0, "{:?}", env.emu.stats());
 }

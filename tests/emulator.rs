@@ -1095,8 +1095,9 @@ async fn query_pages_through_three_pages() {
 
 #[tokio::test]
 async fn throttling_answers_429_with_retry_after_then_recovers() {
+    // 30 per minute: a token every 2 s, bursts of 3.
     let emu = harness::start_with(EmulatorOptions {
-        ops_per_minute: Some(3),
+        ops_per_minute: Some(30),
         ..Default::default()
     })
     .await;
@@ -1107,49 +1108,48 @@ async fn throttling_answers_429_with_retry_after_then_recovers() {
             StatusCode::NOT_FOUND
         );
     }
-    // A bulk request is one operation too; this one is over the limit.
-    let r = dps
-        .post(
-            "/enrollments",
-            Some(&json!({"mode": "create", "enrollments": [tpm_enrollment("t")]})),
-            &[],
-        )
-        .await;
+    // A bulk request is one operation too; this one is over the burst.
+    let bulk = json!({"mode": "create", "enrollments": [tpm_enrollment("t")]});
+    let r = dps.post("/enrollments", Some(&bulk), &[]).await;
     assert_dps_error(&r, 429, 429001);
     let secs: u64 = r
         .headers
         .get("retry-after")
-        .unwrap()
+        .expect("429 carries Retry-After")
         .to_str()
         .unwrap()
         .parse()
-        .unwrap();
-    assert!((1..=60).contains(&secs), "{secs}");
+        .expect("Retry-After is whole seconds");
+    assert!((1..=2).contains(&secs), "next token within 2 s: {secs}");
     assert_eq!(emu.stats().throttled, 1);
-    assert!(emu.stats().creates.is_empty());
-    // Raise the limit through the admin endpoint: the next call succeeds.
+    assert!(emu.stats().creates.is_empty(), "a 429 changes nothing");
+    // Waiting out Retry-After is enough: the same request then succeeds.
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let r = dps.post("/enrollments", Some(&bulk), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["isSuccessful"], true);
+    assert_eq!(emu.stats().creates.get("t"), Some(&1));
+    assert_dps_error(&dps.get("/enrollments/t").await, 429, 429001);
+
+    // Raise the limit through the admin endpoint: the bucket starts full (6 at 60/min).
     let r = reqwest::Client::new()
         .put(format!("{}/_emulator/ops-per-minute", emu.base_url()))
-        .body("100")
+        .body("60")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let r = dps
-        .post(
-            "/enrollments",
-            Some(&json!({"mode": "create", "enrollments": [tpm_enrollment("t")]})),
-            &[],
-        )
-        .await;
-    assert_eq!(r.body["isSuccessful"], true);
+    for _ in 0..6 {
+        assert_eq!(dps.get("/enrollments/t").await.status, StatusCode::OK);
+    }
+    assert_dps_error(&dps.get("/enrollments/t").await, 429, 429001);
     emu.set_ops_per_minute(Some(0));
-    assert_eq!(
-        dps.get("/enrollments/t").await.status,
-        StatusCode::TOO_MANY_REQUESTS
-    );
+    let r = dps.get("/enrollments/t").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers.get("retry-after").is_some());
     emu.set_ops_per_minute(None);
     assert_eq!(dps.get("/enrollments/t").await.status, StatusCode::OK);
+    assert_eq!(emu.stats().throttled, 4);
 }
 
 #[tokio::test]
@@ -1362,4 +1362,24 @@ fn the_binary_refuses_a_bad_fault_spec() {
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("error-rate"));
+}
+
+#[test]
+fn the_vendored_spec_matches_its_provenance_note() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spec");
+    let spec = std::fs::read(dir.join("dps-service-2021-10-01.json")).unwrap();
+    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&spec));
+    assert!(
+        readme.contains(&format!("sha256: `{sha}`")),
+        "README names sha256 {sha}"
+    );
+    assert!(readme.contains("Azure/azure-rest-api-specs"));
+    // The emulator validates against exactly this file.
+    assert_eq!(
+        dps_station::emulator::schema::SPEC_JSON.as_bytes(),
+        spec.as_slice()
+    );
+    let v: Value = serde_json::from_slice(&spec).unwrap();
+    assert_eq!(v["info"]["version"], "2021-10-01");
 }

@@ -203,6 +203,8 @@ async fn systemd_gets_ready_and_watchdog_and_a_bad_config_exits_2() {
         &[
             ("NOTIFY_SOCKET", notify.display().to_string()),
             ("WATCHDOG_USEC", "400000".into()),
+            // As under systemd: stderr goes to journald, lines carry <N> priorities.
+            ("JOURNAL_STREAM", "8:12345".into()),
         ],
     );
     let mut seen = String::new();
@@ -228,8 +230,30 @@ async fn systemd_gets_ready_and_watchdog_and_a_bad_config_exits_2() {
     let mut c = ControlClient::connect(&paths.socket).await.unwrap();
     let snap = c.status().await.unwrap();
     assert_eq!(snap.queue_depth, 0);
-    assert!(snap.http_addr.is_some());
+    // `http = "127.0.0.1:0"`: the bound address is in the status and in the log.
+    let http = snap.http_addr.clone().expect("http address in the status");
+    assert!(!http.ends_with(":0"), "{http}");
     assert_eq!(d.terminate(Duration::from_secs(15)), Some(0));
+    let log = std::fs::read_to_string(&d.log).unwrap();
+    // journald levels: every line carries its priority; start-up news is info (<6>), not
+    // a warning.
+    assert!(
+        log.lines()
+            .all(|l| l.starts_with('<') && l.as_bytes().get(2) == Some(&b'>')),
+        "{log}"
+    );
+    let ready = log
+        .lines()
+        .find(|l| l.contains("dps-station ready"))
+        .unwrap_or_default();
+    assert!(ready.starts_with("<6>"), "{log}");
+    assert!(ready.contains(&http), "bound address logged: {log}");
+    assert!(
+        log.lines().any(|l| l.starts_with("<6>")
+            && l.contains("HTTP status server listening")
+            && l.contains(&http)),
+        "{log}"
+    );
 
     // A config error is exit 2 and names the key.
     let bad = dir.path().join("bad.toml");
@@ -248,6 +272,27 @@ async fn systemd_gets_ready_and_watchdog_and_a_bad_config_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_size"), "{err}");
+
+    // The HTTP address is taken: exit 2 naming it, and no control socket left behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let busy = dir.path().join("busy.toml");
+    std::fs::write(
+        &busy,
+        std::fs::read_to_string(&paths.config)
+            .unwrap()
+            .replace("http = \"127.0.0.1:0\"", &format!("http = \"{addr}\"")),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dps-station"))
+        .args(["run", "--config"])
+        .arg(&busy)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&addr) && err.contains("http"), "{err}");
+    assert!(!paths.socket.exists(), "no control socket left behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,4 +355,73 @@ async fn a_board_queued_before_kill_9_still_gets_its_enrolled_reply_on_the_seria
     );
     assert_eq!(e.stats().creates.get("board-ssn-0001"), Some(&1));
     assert_eq!(d.terminate(Duration::from_secs(15)), Some(0));
+}
+
+/// `control drain --wait` returns once every queued board is answered, and a daemon started
+/// with `--exit-when-drained` then exits 0 by itself, removing its socket. A SIGTERM sent
+/// the moment the control socket appears (the daemon may still be starting) exits 0 too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_wait_and_exit_when_drained_and_an_early_sigterm_exit_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = emu::start().await;
+    let mut spec = StationSpec::new(
+        e.connection_string(),
+        vec![SlotSpec::Dice {
+            name: "fixture-2".into(),
+        }],
+    );
+    // Only the drain can send this partial batch within the test.
+    spec.max_delay = "1h";
+    let paths = st::write_station(dir.path(), &spec);
+    let mut d = DaemonProcess::spawn_full(
+        &paths.config,
+        &dir.path().join("run1.log"),
+        &["--exit-when-drained"],
+        &[],
+    );
+    d.wait_ready(&paths.socket);
+    assert!(scan_ack(&paths.socket, "XSN-0001").await);
+    assert!(scan_ack(&paths.socket, "XSN-0002").await);
+    assert_eq!(st::count(&paths.db, "queued"), 2);
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dps-station"))
+            .args(args)
+            .arg("--config")
+            .arg(&paths.config)
+            .output()
+            .unwrap()
+    };
+    let out =
+        tokio::task::block_in_place(|| cli(&["control", "drain", "--wait", "--timeout", "20s"]));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Either the status said drained, or the daemon had already exited and the journal
+    // shows nothing queued.
+    assert!(
+        stdout.contains("drained: enrolled=2") || stdout.contains("nothing is queued"),
+        "{stdout}"
+    );
+    assert_eq!(
+        tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(15))),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&d.log).unwrap_or_default()
+    );
+    assert!(!paths.socket.exists(), "control socket removed on exit");
+    assert_eq!(st::count(&paths.db, "enrolled"), 2);
+    assert_eq!(e.stats().creates.len(), 2);
+
+    let mut d = DaemonProcess::spawn(&paths.config, &dir.path().join("run2.log"));
+    d.wait_ready(&paths.socket);
+    assert_eq!(
+        tokio::task::block_in_place(|| d.terminate(Duration::from_secs(15))),
+        Some(0),
+        "SIGTERM right after the socket appeared: {}",
+        std::fs::read_to_string(&d.log).unwrap_or_default()
+    );
 }

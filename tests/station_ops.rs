@@ -104,6 +104,9 @@ fn scan_without_a_daemon_exits_2_naming_the_socket() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let out = station(&["control", "pause", "--socket", sock.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = station(&["requeue", "SN-0001", "--socket", sock.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("nobody-home.sock"));
 }
 
 // ---------------------------------------------------------------- export
@@ -548,6 +551,99 @@ async fn status_and_control_commands_talk_to_the_daemon() {
     assert_eq!(out.status.code(), Some(0));
     assert!(!live.pipeline.status().await.paused);
 
+    live.shutdown().await;
+}
+
+/// `requeue`: a rejected row goes back to the queue (exit 0, `QUEUED` printed, the error
+/// code cleared); a conflict only with `--force`; queued/enrolled rows and unknown serials
+/// are refused with exit 1 and a message naming the serial. (The daemon here has no
+/// batcher, so requeued rows stay queued; the e2e suite sends them to the emulator.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeue_exit_codes_follow_the_row_state() {
+    let live = live().await;
+    let sock = live.socket.display().to_string();
+    let db = live.socket.parent().unwrap().join("station.db");
+    {
+        // A conflict DPS answered (another attestation under the id), via a second
+        // connection while the daemon holds the database.
+        let mut store = Store::open(&db).unwrap();
+        let e = inserted_id(store.admit(&board("SN-E", "tpm", 5)).unwrap());
+        store
+            .transition(
+                e,
+                &Transition::Conflict {
+                    detail: "attestation-mismatch: DPS holds reg-sn-e with a different EK".into(),
+                },
+            )
+            .unwrap();
+    }
+    let run = |args: &[&str]| {
+        let mut v: Vec<String> = vec!["requeue".into()];
+        v.extend(args.iter().map(|a| a.to_string()));
+        v.extend(["--socket".to_string(), sock.clone()]);
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = v.iter().map(String::as_str).collect();
+            station(&args)
+        })
+    };
+    for (serial, state) in [("SN-B", "enrolled"), ("SN-A", "queued")] {
+        let out = run(&[serial]).await.unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{serial}: {}",
+            text(&out.stderr)
+        );
+        let err = text(&out.stderr);
+        assert!(
+            err.starts_with("error: ") && err.contains(&format!("board {serial} is {state}")),
+            "{err}"
+        );
+    }
+    let out = run(&["SN-NOPE"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("no board with serial SN-NOPE"));
+    // A conflict needs --force.
+    let out = run(&["SN-E"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--force"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(live.pipeline.status().await.count("conflict"), 1);
+
+    // The rejected row: requeued, QUEUED printed, exit 0.
+    let out = run(&["SN-C"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "QUEUED SN-C reg-sn-c\n");
+    let out = run(&["SN-E", "--force", "--json"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["reply"], "QUEUED SN-E reg-sn-e");
+    let snap = live.pipeline.status().await;
+    assert_eq!(
+        (
+            snap.count("queued"),
+            snap.count("rejected"),
+            snap.count("conflict")
+        ),
+        (3, 0, 0)
+    );
+    assert_eq!(snap.queue_depth, 3, "requeued rows are unsent again");
+    let code: Option<i64> = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT dps_error_code FROM boards WHERE serial = 'SN-C'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(code, None);
+    // Once queued, a second requeue is refused.
+    let out = run(&["SN-C"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("board SN-C is queued"));
     live.shutdown().await;
 }
 

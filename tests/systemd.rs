@@ -62,6 +62,8 @@ fn the_unit_has_the_contracted_settings() {
             "ExecStart",
             "/usr/bin/dps-station run --config /etc/dps-station/station.toml",
         ),
+        // Info and above reach the journal, each at its own priority.
+        ("Environment", "DPS_STATION_LOG=info,tss_esapi=off"),
         ("User", "dps-station"),
         ("SupplementaryGroups", "tss dialout"),
         (

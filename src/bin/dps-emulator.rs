@@ -31,10 +31,12 @@ struct Args {
     /// PEM private key for HTTPS; needs --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// At most N operations in any sliding 60 s window (429 + Retry-After beyond).
+    /// At most N operations per minute sustained, bursts of N/10 (a token bucket);
+    /// beyond that 429 + Retry-After (whole seconds until the next token).
     #[arg(long, value_name = "N")]
     ops_per_minute: Option<u32>,
-    /// Faults: error-rate=0.2,status=500,latency=200ms,reset-rate=0.1,down-for=120s,down-after=10s
+    /// Faults: error-rate=0.2,status=500,latency=200ms,reset-rate=0.1,down-for=120s,down-after=10s,
+    /// bad-id=ID (a bulk request naming ID is refused as a whole with HTTP 400; repeatable)
     #[arg(long, value_name = "SPEC")]
     faults: Option<String>,
     /// SQLite file that keeps records across restarts.

@@ -1,7 +1,9 @@
 //! `dps-station check`: load the config (errors exit 2), then walk everything it names and
-//! print one checklist line per item: the state directory, each TPM slot's TCTI and EK
-//! (read only: nothing is created or persisted), the station CA, the scanner port, and DPS
-//! authentication with one cheap query. Exit 0 when every item is ok, 1 otherwise.
+//! print one checklist line per item: the state directory, the control socket's place (and
+//! whether a daemon already runs there), the HTTP address, each TPM slot's TCTI and EK (read
+//! only: nothing is created or persisted), the station CA and DICE `out_dir`, the scanner
+//! port, the DPS trust anchors (`ca_file`) and DPS authentication with one cheap query.
+//! Exit 0 when every item is ok, 1 otherwise.
 //!
 //! It must never change a TPM, write outside a probe file it removes at once, or print the
 //! connection string, a SAS token or key material.
@@ -98,6 +100,10 @@ fn print_json(report: &CheckReport) {
 pub async fn check_all(cfg: &Config, g: &GlobalOpts, with_dps: bool) -> CheckReport {
     let mut items = vec![CheckItem::ok("config", describe_config(cfg))];
     items.push(check_state_dir(&cfg.state.path));
+    let (control, daemon) = check_control(&cfg.control.socket).await;
+    items.push(control);
+    let daemon_http = daemon.as_ref().and_then(|d| d.http_addr.clone());
+    items.push(check_http(cfg.control.http.as_deref(), daemon_http.as_deref()).await);
     for slot in &cfg.slots {
         match slot.attestation {
             Attestation::Tpm => items.push(check_tpm_slot(slot).await),
@@ -105,9 +111,13 @@ pub async fn check_all(cfg: &Config, g: &GlobalOpts, with_dps: bool) -> CheckRep
         }
     }
     if let Some(serial) = &cfg.trigger.serial {
-        items.push(check_serial(serial.clone()).await);
+        let held = daemon.as_ref().and_then(|d| d.trigger.clone());
+        items.push(check_serial(serial.clone(), held).await);
     }
     if with_dps {
+        if let Some(ca) = g.ca_file.as_ref().or(cfg.dps.ca_file.as_ref()) {
+            items.push(check_dps_ca(ca));
+        }
         items.push(check_dps(cfg, g).await);
     }
     CheckReport {
@@ -161,6 +171,165 @@ fn check_state_dir(db: &Path) -> CheckItem {
         }
         Err(e) => CheckItem::fail(name, format!("{} is not writable: {e}", dir.display())),
     }
+}
+
+/// The nearest existing ancestor of `p` (itself included) and whether we may write there.
+fn writable_dir(p: &Path) -> Result<PathBuf, String> {
+    let mut cur = Some(p);
+    while let Some(d) = cur {
+        if d.is_dir() {
+            return nix::unistd::access(
+                d,
+                nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+            )
+            .map(|()| d.to_path_buf())
+            .map_err(|e| format!("{} is not writable: {e}", d.display()));
+        }
+        if d.exists() {
+            return Err(format!("{} is not a directory", d.display()));
+        }
+        cur = d.parent().filter(|x| !x.as_os_str().is_empty());
+    }
+    Ok(PathBuf::from("."))
+}
+
+/// The control socket's place: a writable directory (or one `run` can create), and what is
+/// there now (nothing, a stale socket `run` replaces, a running daemon, or a file `run`
+/// refuses to touch). Also returns the running daemon's status, if one answers.
+async fn check_control(sock: &Path) -> (CheckItem, Option<crate::station::status::StatusSnapshot>) {
+    use crate::station::control::ControlClient;
+    use std::os::unix::fs::FileTypeExt;
+    let name = "control";
+    let shown = sock.display();
+    match std::fs::symlink_metadata(sock) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return (
+                CheckItem::fail(
+                    name,
+                    format!("{shown} exists and is not a socket; run refuses to replace it"),
+                ),
+                None,
+            )
+        }
+        Ok(_) => {
+            return match ControlClient::connect(sock).await {
+                Ok(mut c) => {
+                    let http = c.status().await.ok();
+                    (
+                        CheckItem::ok(
+                            name,
+                            format!("{shown}: a dps-station daemon is running on it"),
+                        ),
+                        http,
+                    )
+                }
+                Err(crate::station::control::ControlError::NotRunning { .. }) => (
+                    CheckItem::ok(
+                        name,
+                        format!("{shown}: stale socket of a stopped daemon (replaced at start)"),
+                    ),
+                    None,
+                ),
+                Err(e) => (CheckItem::fail(name, e.to_string()), None),
+            };
+        }
+        Err(_) => {}
+    }
+    let dir = sock.parent().unwrap_or(Path::new("."));
+    match writable_dir(dir) {
+        Ok(d) if d == dir => (
+            CheckItem::ok(name, format!("{shown}: {} is writable", d.display())),
+            None,
+        ),
+        Ok(d) => (
+            CheckItem::ok(
+                name,
+                format!(
+                    "{shown}: {} will be created in {} (systemd: RuntimeDirectory=)",
+                    dir.display(),
+                    d.display()
+                ),
+            ),
+            None,
+        ),
+        // Missing and not creatable by us: under systemd, RuntimeDirectory= makes it when
+        // the service starts (and removes it when it stops), so that alone is no failure.
+        Err(_) if !dir.exists() => (
+            CheckItem::ok(
+                name,
+                format!(
+                    "{shown}: {} does not exist now; systemd creates it when the service \
+                     starts (RuntimeDirectory=dps-station)",
+                    dir.display()
+                ),
+            ),
+            None,
+        ),
+        Err(e) => (CheckItem::fail(name, format!("{shown}: {e}")), None),
+    }
+}
+
+/// `[control] http`: the address can be bound (or the running daemon serves it).
+async fn check_http(addr: Option<&str>, daemon_http: Option<&str>) -> CheckItem {
+    let name = "http";
+    let Some(addr) = addr else {
+        return CheckItem::ok(name, "disabled (http = \"\")");
+    };
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => {
+            let bound = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            CheckItem::ok(name, format!("{addr} can be bound ({bound})"))
+        }
+        Err(e) => {
+            let served = daemon_http.is_some_and(|h| {
+                let (want, have) = (addr.parse::<std::net::SocketAddr>(), h.parse::<std::net::SocketAddr>());
+                matches!((want, have), (Ok(w), Ok(h)) if w == h || (w.port() == 0 && w.ip() == h.ip()))
+            });
+            if served {
+                CheckItem::ok(name, format!("{addr}: served by the running daemon"))
+            } else {
+                CheckItem::fail(name, format!("{addr}: cannot bind: {e}"))
+            }
+        }
+    }
+}
+
+/// `[dps] ca_file` / `--ca-file`: PEM certificates that parse.
+fn check_dps_ca(path: &Path) -> CheckItem {
+    let name = "dps ca_file";
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) => return CheckItem::fail(name, format!("{}: {e}", path.display())),
+    };
+    let blocks = match pem::parse_many(&text) {
+        Ok(b) => b,
+        Err(e) => return CheckItem::fail(name, format!("{}: not PEM: {e}", path.display())),
+    };
+    let certs: Vec<_> = blocks.iter().filter(|b| b.tag() == "CERTIFICATE").collect();
+    if certs.is_empty() {
+        return CheckItem::fail(name, format!("{}: no CERTIFICATE in it", path.display()));
+    }
+    let mut subjects = Vec::new();
+    for c in &certs {
+        match x509_parser::parse_x509_certificate(c.contents()) {
+            Ok((_, cert)) => subjects.push(cert.subject().to_string()),
+            Err(e) => {
+                return CheckItem::fail(
+                    name,
+                    format!("{}: a certificate does not parse: {e}", path.display()),
+                )
+            }
+        }
+    }
+    CheckItem::ok(
+        name,
+        format!(
+            "{}: {} trust anchor(s): {}",
+            path.display(),
+            certs.len(),
+            subjects.join("; ")
+        ),
+    )
 }
 
 async fn check_tpm_slot(slot: &SlotConfig) -> CheckItem {
@@ -250,6 +419,9 @@ async fn check_dice_slot(cfg: &Config, slot: &SlotConfig) -> CheckItem {
                     format!("CA {} expired at {}", ca.subject(), ca.not_after()),
                 );
             }
+            if let Err(e) = writable_dir(&dice.out_dir) {
+                return CheckItem::fail(name, format!("out_dir {}: {e}", dice.out_dir.display()));
+            }
             let days_left = (ca.not_after() - now).whole_days();
             let mut detail = format!(
                 "CA {} loaded ({}), valid for {days_left} more days",
@@ -268,9 +440,23 @@ async fn check_dice_slot(cfg: &Config, slot: &SlotConfig) -> CheckItem {
 }
 
 /// Open the scanner port the way the trigger does, then close it.
-async fn check_serial(cfg: SerialConfig) -> CheckItem {
+async fn check_serial(cfg: SerialConfig, daemon_port: Option<serde_json::Value>) -> CheckItem {
     let name = "scanner";
     let path = cfg.port.display().to_string();
+    // The running daemon holds the port: its own view is the answer.
+    if let Some(t) = daemon_port.filter(|t| t["port"] == path.as_str()) {
+        return if t["connected"] == true {
+            CheckItem::ok(name, format!("{path}: open in the running daemon"))
+        } else {
+            CheckItem::fail(
+                name,
+                format!(
+                    "{path}: the running daemon cannot open it ({})",
+                    t["last_error"].as_str().unwrap_or("not connected")
+                ),
+            )
+        };
+    }
     let opened = tokio::task::spawn_blocking(move || {
         serialport::new(cfg.port.to_string_lossy().into_owned(), cfg.baud)
             .data_bits(serialport::DataBits::Eight)

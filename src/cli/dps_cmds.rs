@@ -4,8 +4,10 @@
 //! Input is validated completely before anything is sent: a bad connection string, id,
 //! endorsement key, certificate or bulk file exits 2 with one `error:` line naming the
 //! flag, file, line or item. Human output is aligned tables; `--json` prints the wire JSON
-//! (one array for queries, one merged report for bulk). Nothing here may print the shared
-//! access key, a SAS token or private-key material.
+//! (one array for queries, one merged report for bulk; `bulk --groups` runs the enrollment
+//! group bulk operation). The connection string comes from `--connection-string-file` or
+//! `DPS_CONNECTION_STRING`, else from the station config's `[dps]` section when that file
+//! exists. Nothing here may print the shared access key, a SAS token or private-key material.
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,21 +28,6 @@ use crate::dps::{
 };
 
 // ----- arguments -----------------------------------------------------------------------
-
-/// Options of every DPS command besides the global ones.
-#[derive(Debug, Clone, Args)]
-pub struct DpsOpts {
-    /// DNS override HOST:ADDR (repeatable, or comma-separated in DPS_STATION_RESOLVE):
-    /// connect to ADDR whenever HOST is asked for, keeping the URL's port, the TLS name
-    /// check and the SAS host. For tests against an emulator with a real-looking name.
-    #[arg(
-        long = "resolve",
-        value_name = "HOST:ADDR",
-        env = "DPS_STATION_RESOLVE",
-        value_delimiter = ','
-    )]
-    pub resolve: Vec<String>,
-}
 
 /// Fields shared by individual enrollments and groups (create and update).
 #[derive(Debug, Clone, Default, Args)]
@@ -128,15 +115,9 @@ pub enum EnrollmentCmd {
         attestation: AttestationArgs,
         #[command(flatten)]
         fields: CommonFields,
-        #[command(flatten)]
-        dps: DpsOpts,
     },
     /// Show one individual enrollment.
-    Get {
-        id: String,
-        #[command(flatten)]
-        dps: DpsOpts,
-    },
+    Get { id: String },
     /// Get the latest, change the given fields, put it back with If-Match: <etag>.
     Update {
         id: String,
@@ -148,30 +129,20 @@ pub enum EnrollmentCmd {
         fields: CommonFields,
         #[command(flatten)]
         cond: ConditionArgs,
-        #[command(flatten)]
-        dps: DpsOpts,
     },
     /// Delete one individual enrollment.
     Delete {
         id: String,
         #[command(flatten)]
         cond: ConditionArgs,
-        #[command(flatten)]
-        dps: DpsOpts,
     },
     /// List individual enrollments (all pages).
     Query {
         #[command(flatten)]
         q: QueryArgs,
-        #[command(flatten)]
-        dps: DpsOpts,
     },
     /// Show an enrollment's attestation mechanism.
-    Attestation {
-        id: String,
-        #[command(flatten)]
-        dps: DpsOpts,
-    },
+    Attestation { id: String },
 }
 
 /// How an enrollment group attests.
@@ -196,15 +167,9 @@ pub enum GroupCmd {
         attestation: GroupAttestationArgs,
         #[command(flatten)]
         fields: CommonFields,
-        #[command(flatten)]
-        dps: DpsOpts,
     },
     /// Show one enrollment group.
-    Get {
-        id: String,
-        #[command(flatten)]
-        dps: DpsOpts,
-    },
+    Get { id: String },
     /// Get the latest, change the given fields, put it back with If-Match: <etag>.
     Update {
         id: String,
@@ -214,30 +179,20 @@ pub enum GroupCmd {
         fields: CommonFields,
         #[command(flatten)]
         cond: ConditionArgs,
-        #[command(flatten)]
-        dps: DpsOpts,
     },
     /// Delete one enrollment group.
     Delete {
         id: String,
         #[command(flatten)]
         cond: ConditionArgs,
-        #[command(flatten)]
-        dps: DpsOpts,
     },
     /// List enrollment groups (all pages).
     Query {
         #[command(flatten)]
         q: QueryArgs,
-        #[command(flatten)]
-        dps: DpsOpts,
     },
     /// Show a group's attestation mechanism.
-    Attestation {
-        id: String,
-        #[command(flatten)]
-        dps: DpsOpts,
-    },
+    Attestation { id: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -255,8 +210,9 @@ pub struct BulkFileArgs {
     /// File format (default: csv for a .csv file, else json).
     #[arg(long, value_enum)]
     pub format: Option<BulkFormat>,
-    #[command(flatten)]
-    pub dps: DpsOpts,
+    /// The file holds enrollment groups (a JSON array of EnrollmentGroup) instead.
+    #[arg(long)]
+    pub groups: bool,
 }
 
 const BULK_HELP: &str = "\
@@ -266,36 +222,31 @@ CSV format: a header row, then one enrollment per line. Columns:
   certificateFile      PEM path (relative to the CSV's folder) }
   deviceId, provisioningStatus, iotHubHostName   optional
   tags                 optional JSON object (initialTwin.tags)
+With --groups the file is a JSON array of EnrollmentGroup (wire format) instead.
 The whole file is checked before anything is sent. Items go in chunks of at most 10.
 Exit 0: every item succeeded; 3: some failed; 1: all failed.";
 
 #[derive(Debug, Subcommand)]
 pub enum BulkCmd {
-    /// Create every enrollment in the file.
+    /// Create every enrollment (or group) in the file.
     Create(BulkFileArgs),
-    /// Update every enrollment in the file.
+    /// Update every enrollment (or group) in the file.
     Update(BulkFileArgs),
-    /// Update every enrollment whose etag (given per item) still matches.
+    /// Update every enrollment (or group) whose etag (given per item) still matches.
     UpdateIfMatchEtag(BulkFileArgs),
-    /// Delete every enrollment in the file.
+    /// Delete every enrollment (or group) in the file.
     Delete(BulkFileArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum RegistrationCmd {
     /// Show one device registration state.
-    Get {
-        id: String,
-        #[command(flatten)]
-        dps: DpsOpts,
-    },
+    Get { id: String },
     /// Delete one device registration state.
     Delete {
         id: String,
         #[command(flatten)]
         cond: ConditionArgs,
-        #[command(flatten)]
-        dps: DpsOpts,
     },
     /// List the registration states of an enrollment group (all pages).
     Query {
@@ -303,8 +254,6 @@ pub enum RegistrationCmd {
         group_id: String,
         #[arg(long = "page-size", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         page_size: Option<u32>,
-        #[command(flatten)]
-        dps: DpsOpts,
     },
 }
 
@@ -323,33 +272,79 @@ fn retry_budget(s: &str) -> Result<Duration, CliError> {
 }
 
 /// Build the client from the global options: connection string, endpoint, CA, budget.
+/// The connection string comes from `--connection-string-file` or `DPS_CONNECTION_STRING`;
+/// when neither is given and the station config file (`--config`) exists, its `[dps]`
+/// section is used instead (connection string source, endpoint, CA file, api-version,
+/// request timeout and pacing to `max_operations_per_minute`; flags still override).
 /// Sends nothing; every problem is a usage error (exit 2).
-pub fn client_from(g: &GlobalOpts, d: &DpsOpts) -> Result<DpsClient, CliError> {
+pub fn client_from(g: &GlobalOpts) -> Result<DpsClient, CliError> {
     let budget = retry_budget(&g.retry_budget)?;
     let mut resolve = Vec::new();
-    for r in &d.resolve {
+    for r in &g.resolve {
         if r.trim().is_empty() {
             continue;
         }
         resolve
             .push(parse_resolve(r.trim()).map_err(|e| CliError::usage(format!("--resolve: {e}")))?);
     }
-    let cs = ConnectionString::load(g.connection_string_file.as_deref()).map_err(|e| {
-        let err = CliError::usage(e.to_string());
-        match e {
-            crate::dps::ConnectionStringError::NotGiven | crate::dps::ConnectionStringError::File { .. } => err,
-            _ => err.with_hint(
-                "expected HostName=<dps host>;SharedAccessKeyName=<policy>;SharedAccessKey=<base64 key>",
-            ),
+    let cs_hint =
+        "expected HostName=<dps host>;SharedAccessKeyName=<policy>;SharedAccessKey=<base64 key>";
+    let given = g.connection_string_file.is_some()
+        || std::env::var_os(crate::dps::connection_string::CONNECTION_STRING_ENV).is_some();
+    let cfg = if !given && g.config.is_file() {
+        Some(crate::config::load(&g.config).map_err(|e| {
+            let err = CliError::usage(e.to_string());
+            match e.hint() {
+                Some(h) => err.with_hint(h.to_string()),
+                None => err,
+            }
+        })?)
+    } else {
+        None
+    };
+    let cs = match &cfg {
+        Some(c) => {
+            let text = c.read_connection_string().map_err(|e| {
+                let err = CliError::usage(format!("{}: {e}", g.config.display()));
+                match e.hint() {
+                    Some(h) => err.with_hint(h.to_string()),
+                    None => err,
+                }
+            })?;
+            ConnectionString::parse(text.expose()).map_err(|e| {
+                CliError::usage(format!("{} [dps]: {e}", g.config.display())).with_hint(cs_hint)
+            })?
         }
-    })?;
-    let opts = ClientOptions {
+        None => ConnectionString::load(g.connection_string_file.as_deref()).map_err(|e| {
+            let err = CliError::usage(e.to_string());
+            match e {
+                crate::dps::ConnectionStringError::NotGiven => err.with_hint(format!(
+                    "or give a station config with a [dps] section (--config; {} does not exist)",
+                    g.config.display()
+                )),
+                crate::dps::ConnectionStringError::File { .. } => err,
+                _ => err.with_hint(cs_hint),
+            }
+        })?,
+    };
+    let mut opts = ClientOptions {
         endpoint: g.endpoint.clone(),
         ca_file: g.ca_file.clone(),
         retry_budget: budget,
         resolve,
         ..ClientOptions::default()
     };
+    if let Some(c) = &cfg {
+        if opts.endpoint.is_none() {
+            opts.endpoint = c.dps.endpoint.clone();
+        }
+        if opts.ca_file.is_none() {
+            opts.ca_file = c.dps.ca_file.clone();
+        }
+        opts.api_version = c.dps.api_version.clone();
+        opts.request_timeout = c.dps.request_timeout;
+        opts.max_operations_per_minute = Some(c.dps.max_operations_per_minute).filter(|n| *n > 0);
+    }
     DpsClient::new(cs, opts).map_err(|e| CliError::usage(e.to_string()))
 }
 
@@ -395,6 +390,15 @@ fn dps_err(e: DpsError, what: &Subject<'_>, if_match: Option<&str>) -> CliError 
                 s.message
             ))
             .with_hint(format!("use `dps-station {kind} update {id}` to change it"))
+        }
+        DpsError::Throttled(s) => {
+            let wait = match s.retry_after {
+                Some(ra) => format!("the service asked to wait {} s; ", ra.as_secs()),
+                None => String::new(),
+            };
+            return CliError::failed(e.to_string()).with_hint(format!(
+                "{wait}raise --retry-budget to wait it out, or try again later"
+            ));
         }
         DpsError::Unauthorized(_) => {
             return CliError::failed(e.to_string()).with_hint(
@@ -1026,7 +1030,6 @@ pub async fn enrollment(g: &GlobalOpts, c: EnrollmentCmd) -> Result<Exit, CliErr
             device_id,
             attestation,
             fields,
-            dps,
         } => {
             if let Some(id) = &registration_id {
                 parse_id(id, "--registration-id")?;
@@ -1045,7 +1048,7 @@ pub async fn enrollment(g: &GlobalOpts, c: EnrollmentCmd) -> Result<Exit, CliErr
                 ));
             }
             // Check everything that needs no network before touching a TPM or DPS.
-            let client = client_from(g, &dps)?;
+            let client = client_from(g)?;
             let (mech, id) = enrollment_attestation(&attestation, registration_id.as_deref())
                 .await?
                 .ok_or_else(|| CliError::usage("no attestation given"))?;
@@ -1073,9 +1076,9 @@ pub async fn enrollment(g: &GlobalOpts, c: EnrollmentCmd) -> Result<Exit, CliErr
             );
             Ok(Exit::Ok)
         }
-        EnrollmentCmd::Get { id, dps } => {
+        EnrollmentCmd::Get { id } => {
             parse_id(&id, "registration id")?;
-            let client = client_from(g, &dps)?;
+            let client = client_from(g)?;
             let subj = Subject {
                 kind: "enrollment",
                 id: &id,
@@ -1093,7 +1096,6 @@ pub async fn enrollment(g: &GlobalOpts, c: EnrollmentCmd) -> Result<Exit, CliErr
             attestation,
             fields,
             cond,
-            dps,
         } => {
             parse_id(&id, "registration id")?;
             if let Some(d) = &device_id {
@@ -1106,7 +1108,7 @@ pub async fn enrollment(g: &GlobalOpts, c: EnrollmentCmd) -> Result<Exit, CliErr
             }
             let fields = parse_fields(&fields)?;
             let new_att = enrollment_attestation(&attestation, Some(&id)).await?;
-            let client = client_from(g, &dps)?;
+            let client = client_from(g)?;
             let subj = Subject {
                 kind: "enrollment",
                 id: &id,
@@ -1143,9 +1145,9 @@ pub async fn enrollment(g: &GlobalOpts, c: EnrollmentCmd) -> Result<Exit, CliErr
             );
             Ok(Exit::Ok)
         }
-        EnrollmentCmd::Delete { id, cond, dps } => {
+        EnrollmentCmd::Delete { id, cond } => {
             parse_id(&id, "registration id")?;
-            let client = client_from(g, &dps)?;
+            let client = client_from(g)?;
             let subj = Subject {
                 kind: "enrollment",
                 id: &id,
@@ -1157,8 +1159,8 @@ pub async fn enrollment(g: &GlobalOpts, c: EnrollmentCmd) -> Result<Exit, CliErr
             print_deleted(g, "enrollment", "registrationId", &id)?;
             Ok(Exit::Ok)
         }
-        EnrollmentCmd::Query { q, dps } => {
-            let client = client_from(g, &dps)?;
+        EnrollmentCmd::Query { q } => {
+            let client = client_from(g)?;
             let subj = Subject {
                 kind: "enrollment",
                 id: "query",
@@ -1170,9 +1172,9 @@ pub async fn enrollment(g: &GlobalOpts, c: EnrollmentCmd) -> Result<Exit, CliErr
             print_enrollments(g, &items)?;
             Ok(Exit::Ok)
         }
-        EnrollmentCmd::Attestation { id, dps } => {
+        EnrollmentCmd::Attestation { id } => {
             parse_id(&id, "registration id")?;
-            let client = client_from(g, &dps)?;
+            let client = client_from(g)?;
             let subj = Subject {
                 kind: "enrollment",
                 id: &id,
@@ -1214,14 +1216,13 @@ pub async fn group(g: &GlobalOpts, c: GroupCmd) -> Result<Exit, CliError> {
             group_id,
             attestation,
             fields,
-            dps,
         } => {
             parse_id(&group_id, "--group-id")?;
             let fields = parse_fields(&fields)?;
             let mech = group_attestation(&attestation)?.ok_or_else(|| {
                 CliError::usage("group create needs one of --x509-ca-cert or --ca-reference")
             })?;
-            let client = client_from(g, &dps)?;
+            let client = client_from(g)?;
             let mut grp = EnrollmentGroup::new(group_id.clone(), mech);
             fields.apply(targets_group(&mut grp));
             let subj = Subject {
@@ -1244,9 +1245,9 @@ pub async fn group(g: &GlobalOpts, c: GroupCmd) -> Result<Exit, CliError> {
             );
             Ok(Exit::Ok)
         }
-        GroupCmd::Get { id, dps } => {
+        GroupCmd::Get { id } => {
             parse_id(&id, "group id")?;
-            let client = client_from(g, &dps)?;
+            let client = client_from(g)?;
             let subj = Subject {
                 kind: "group",
                 id: &id,
@@ -1263,12 +1264,11 @@ pub async fn group(g: &GlobalOpts, c: GroupCmd) -> Result<Exit, CliError> {
             attestation,
             fields,
             cond,
-            dps,
         } => {
             parse_id(&id, "group id")?;
             let fields = parse_fields(&fields)?;
             let new_att = group_attestation(&attestation)?;
-            let client = client_from(g, &dps)?;
+            let client = client_from(g)?;
             let subj = Subject {
                 kind: "group",
                 id: &id,
@@ -1302,9 +1302,9 @@ pub async fn group(g: &GlobalOpts, c: GroupCmd) -> Result<Exit, CliError> {
             );
             Ok(Exit::Ok)
         }
-        GroupCmd::Delete { id, cond, dps } => {
+        GroupCmd::Delete { id, cond } => {
             parse_id(&id, "group id")?;
-            let client = client_from(g, &dps)?;
+            let client = client_from(g)?;
             let subj = Subject {
                 kind: "group",
                 id: &id,
@@ -1316,8 +1316,8 @@ pub async fn group(g: &GlobalOpts, c: GroupCmd) -> Result<Exit, CliError> {
             print_deleted(g, "group", "enrollmentGroupId", &id)?;
             Ok(Exit::Ok)
         }
-        GroupCmd::Query { q, dps } => {
-            let client = client_from(g, &dps)?;
+        GroupCmd::Query { q } => {
+            let client = client_from(g)?;
             let subj = Subject {
                 kind: "group",
                 id: "query",
@@ -1329,9 +1329,9 @@ pub async fn group(g: &GlobalOpts, c: GroupCmd) -> Result<Exit, CliError> {
             print_groups(g, &items)?;
             Ok(Exit::Ok)
         }
-        GroupCmd::Attestation { id, dps } => {
+        GroupCmd::Attestation { id } => {
             parse_id(&id, "group id")?;
-            let client = client_from(g, &dps)?;
+            let client = client_from(g)?;
             let subj = Subject {
                 kind: "group",
                 id: &id,
@@ -1348,9 +1348,9 @@ pub async fn group(g: &GlobalOpts, c: GroupCmd) -> Result<Exit, CliError> {
 
 pub async fn registration(g: &GlobalOpts, c: RegistrationCmd) -> Result<Exit, CliError> {
     match c {
-        RegistrationCmd::Get { id, dps } => {
+        RegistrationCmd::Get { id } => {
             parse_id(&id, "registration id")?;
-            let client = client_from(g, &dps)?;
+            let client = client_from(g)?;
             let subj = Subject {
                 kind: "registration",
                 id: &id,
@@ -1362,9 +1362,9 @@ pub async fn registration(g: &GlobalOpts, c: RegistrationCmd) -> Result<Exit, Cl
             print_record(g, &r)?;
             Ok(Exit::Ok)
         }
-        RegistrationCmd::Delete { id, cond, dps } => {
+        RegistrationCmd::Delete { id, cond } => {
             parse_id(&id, "registration id")?;
-            let client = client_from(g, &dps)?;
+            let client = client_from(g)?;
             let subj = Subject {
                 kind: "registration",
                 id: &id,
@@ -1379,10 +1379,9 @@ pub async fn registration(g: &GlobalOpts, c: RegistrationCmd) -> Result<Exit, Cl
         RegistrationCmd::Query {
             group_id,
             page_size,
-            dps,
         } => {
             parse_id(&group_id, "group id")?;
-            let client = client_from(g, &dps)?;
+            let client = client_from(g)?;
             let subj = Subject {
                 kind: "group",
                 id: &group_id,
@@ -1672,21 +1671,13 @@ pub async fn bulk(g: &GlobalOpts, c: BulkCmd) -> Result<Exit, CliError> {
         BulkCmd::UpdateIfMatchEtag(a) => (OperationMode::UpdateIfMatchETag, a),
         BulkCmd::Delete(a) => (OperationMode::Delete, a),
     };
+    if args.groups {
+        return bulk_groups(g, mode, &args).await;
+    }
     let items = read_bulk_file(&args.file, args.format, &mode)?;
-    let client = client_from(g, &args.dps)?;
+    let client = client_from(g)?;
 
-    let bar = if std::io::stderr().is_terminal() && !g.quiet {
-        let pb = indicatif::ProgressBar::new(items.len() as u64);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{spinner} bulk {msg} [{bar:30}] {pos}/{len} items ({elapsed})",
-        ) {
-            pb.set_style(style.progress_chars("=> "));
-        }
-        pb.set_message(mode.to_string());
-        Some(pb)
-    } else {
-        None
-    };
+    let bar = progress_bar(g, items.len(), &mode);
     let report = client
         .bulk_enrollments_chunked(mode, &items, |done| {
             if let Some(b) = &bar {
@@ -1698,22 +1689,152 @@ pub async fn bulk(g: &GlobalOpts, c: BulkCmd) -> Result<Exit, CliError> {
         b.finish_and_clear();
     }
     print_bulk(g, &report)?;
-    let failed = report.failed();
-    Ok(if failed == 0 {
+    Ok(bulk_exit(&report))
+}
+
+/// A progress bar on a terminal (stderr), unless `-q`.
+fn progress_bar(
+    g: &GlobalOpts,
+    len: usize,
+    mode: &OperationMode,
+) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() || g.quiet {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new(len as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} bulk {msg} [{bar:30}] {pos}/{len} items ({elapsed})",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(mode.to_string());
+    Some(pb)
+}
+
+fn bulk_exit(r: &BulkReport) -> Exit {
+    let failed = r.failed();
+    if failed == 0 {
         Exit::Ok
-    } else if failed == report.outcomes.len() {
+    } else if failed == r.outcomes.len() {
         Exit::Failed
     } else {
         Exit::Partial
-    })
+    }
+}
+
+/// Read and validate a bulk file of enrollment groups (JSON array, wire format).
+pub fn read_bulk_groups_file(
+    path: &Path,
+    format: Option<BulkFormat>,
+    mode: &OperationMode,
+) -> Result<Vec<EnrollmentGroup>, CliError> {
+    let name = path.display().to_string();
+    let csv = format == Some(BulkFormat::Csv)
+        || (format.is_none()
+            && path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("csv")));
+    if csv {
+        return Err(CliError::usage(format!(
+            "bulk file {name}: --groups takes a JSON array of EnrollmentGroup, not CSV"
+        )));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::usage(format!("bulk file {name}: {e}")))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| {
+        CliError::usage(format!("bulk file {name}: not JSON ({e})"))
+            .with_hint("give a JSON array of EnrollmentGroup objects")
+    })?;
+    let Value::Array(arr) = v else {
+        return Err(CliError::usage(format!(
+            "bulk file {name}: expected a JSON array of EnrollmentGroup"
+        ))
+        .with_hint(
+            r#"wrap the records in [ … ]; each is {"enrollmentGroupId":…,"attestation":{…}}"#,
+        ));
+    };
+    if arr.is_empty() {
+        return Err(CliError::usage(format!(
+            "bulk file {name}: no enrollment groups in the file"
+        )));
+    }
+    let mut out: Vec<EnrollmentGroup> = Vec::with_capacity(arr.len());
+    let mut seen = std::collections::HashSet::new();
+    for (i, item) in arr.into_iter().enumerate() {
+        let id_hint = item
+            .get("enrollmentGroupId")
+            .and_then(Value::as_str)
+            .map(|s| format!(" ({s})"))
+            .unwrap_or_default();
+        let loc = format!("bulk file {name}: item {i}{id_hint}");
+        let grp: EnrollmentGroup =
+            serde_json::from_value(item).map_err(|e| CliError::usage(format!("{loc}: {e}")))?;
+        RegistrationId::parse(&grp.enrollment_group_id)
+            .map_err(|e| CliError::usage(format!("{loc}: enrollmentGroupId: {e}")))?;
+        if let Some(cert) = grp
+            .attestation
+            .x509
+            .as_ref()
+            .and_then(|x| x.signing_certificates.as_ref())
+            .and_then(|c| c.primary.as_ref())
+            .and_then(|p| p.certificate.as_deref())
+        {
+            let what = format!("{loc}: attestation.x509.signingCertificates.primary.certificate");
+            parse_cert_der(&wire_cert_der(cert, &what)?, &what)?;
+        }
+        if *mode == OperationMode::UpdateIfMatchETag && grp.etag.as_deref().is_none_or_empty() {
+            return Err(CliError::usage(format!(
+                "{loc}: has no etag; update-if-match-etag needs each item's current etag"
+            )));
+        }
+        if !seen.insert(grp.enrollment_group_id.to_ascii_lowercase()) {
+            return Err(CliError::usage(format!(
+                "{loc}: enrollmentGroupId {:?} appears twice (ids are case-insensitive)",
+                grp.enrollment_group_id
+            )));
+        }
+        out.push(grp);
+    }
+    Ok(out)
+}
+
+async fn bulk_groups(
+    g: &GlobalOpts,
+    mode: OperationMode,
+    args: &BulkFileArgs,
+) -> Result<Exit, CliError> {
+    let items = read_bulk_groups_file(&args.file, args.format, &mode)?;
+    let client = client_from(g)?;
+    let bar = progress_bar(g, items.len(), &mode);
+    let report = client
+        .bulk_groups_chunked(mode, &items, |done| {
+            if let Some(b) = &bar {
+                b.set_position(done as u64);
+            }
+        })
+        .await;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    if g.json {
+        print_json(&report.group_result())?;
+    } else {
+        print_bulk_table(&report, "GROUP ID");
+    }
+    Ok(bulk_exit(&report))
 }
 
 fn print_bulk(g: &GlobalOpts, r: &BulkReport) -> Result<(), CliError> {
     if g.json {
         return print_json(&r.result);
     }
+    print_bulk_table(r, "REGISTRATION ID");
+    Ok(())
+}
+
+fn print_bulk_table(r: &BulkReport, id_header: &str) {
     let mut rows = vec![vec![
-        "REGISTRATION ID".to_string(),
+        id_header.to_string(),
         "RESULT".into(),
         "ERROR CODE".into(),
         "DETAIL".into(),
@@ -1742,7 +1863,6 @@ fn print_bulk(g: &GlobalOpts, r: &BulkReport) -> Result<(), CliError> {
         r.succeeded(),
         r.failed()
     );
-    Ok(())
 }
 
 #[cfg(test)]

@@ -93,6 +93,16 @@ pub struct GlobalOpts {
     /// Total time budget for retries of one operation (e.g. "5m", "30s").
     #[arg(long, global = true, default_value = "5m")]
     pub retry_budget: String,
+    /// DNS override HOST:ADDR for DPS requests (repeatable; env: comma-separated).
+    #[arg(
+        long,
+        global = true,
+        hide_short_help = true,
+        value_name = "HOST:ADDR",
+        env = "DPS_STATION_RESOLVE",
+        value_delimiter = ','
+    )]
+    pub resolve: Vec<String>,
 }
 
 #[derive(Debug, Parser)]
@@ -114,6 +124,8 @@ pub enum Command {
     Run(station_cmds::RunArgs),
     /// Submit a scan through the running daemon's control socket.
     Scan(station_cmds::ScanArgs),
+    /// Send a rejected board (or, with --force, a conflict) to DPS again.
+    Requeue(station_cmds::RequeueArgs),
     /// Queue depth, counts by state, DPS health, last errors.
     Status(station_cmds::StatusArgs),
     /// Board records for MES / traceability.
@@ -152,6 +164,7 @@ pub async fn run(cli: Cli) -> Result<Exit, CliError> {
     match cli.command {
         Command::Run(a) => station_cmds::run(g, a).await,
         Command::Scan(a) => station_cmds::scan(g, a).await,
+        Command::Requeue(a) => station_cmds::requeue(g, a).await,
         Command::Status(a) => station_cmds::status(g, a).await,
         Command::Export(a) => station_cmds::export(g, a).await,
         Command::Control(a) => station_cmds::control(g, a).await,

@@ -1,6 +1,6 @@
-//! Station commands: `run`, `scan`, `status`, `export`, `control`, `demo`.
+//! Station commands: `run`, `scan`, `requeue`, `status`, `export`, `control`, `demo`.
 //!
-//! `run` is the daemon; `scan`, `status` and `control` talk to it over its control socket
+//! `run` is the daemon; `scan`, `requeue`, `status` and `control` talk to it over its control socket
 //! (`station::control`); `export` reads the state database directly, read-only
 //! (`station::report`); `demo` drives the whole product end to end (`station::demo`).
 //! Nothing here prints a key, SAS token or private key.
@@ -14,12 +14,19 @@ use crate::station::report::{self, ExportFormat, ReportError};
 
 /// `run`: the daemon in the foreground (systemd `Type=notify`, watchdog).
 #[derive(Debug, Args)]
-pub struct RunArgs {}
+pub struct RunArgs {
+    /// Exit 0 once a drain (`dps-station control drain`) is complete: intake stopped and
+    /// every queued board answered by DPS. Without it the daemon keeps running, drained.
+    #[arg(long)]
+    pub exit_when_drained: bool,
+}
 
 /// `run`: load the config (errors exit 2), start the daemon, stop on SIGTERM/SIGINT (exit 0).
 /// The global `--connection-string-file`, `--endpoint` and `--ca-file` override `[dps]`.
-pub async fn run(g: &GlobalOpts, _a: RunArgs) -> Result<Exit, CliError> {
-    use crate::station::daemon::{Daemon, DaemonError};
+pub async fn run(g: &GlobalOpts, a: RunArgs) -> Result<Exit, CliError> {
+    use crate::station::daemon::{Daemon, DaemonError, StopSignals};
+    // Caught from now on: a SIGTERM during start-up still stops cleanly with exit 0.
+    let mut signals = StopSignals::install().map_err(|e| CliError::failed(e.to_string()))?;
     let mut cfg = crate::config::load(&g.config).map_err(|e| {
         let err = CliError::usage(e.to_string());
         match e.hint() {
@@ -47,10 +54,15 @@ pub async fn run(g: &GlobalOpts, _a: RunArgs) -> Result<Exit, CliError> {
         DaemonError::Runtime(m) => CliError::failed(m),
     };
     let daemon = Daemon::start(cfg).await.map_err(to_cli)?;
-    crate::station::daemon::wait_for_signal()
-        .await
-        .map_err(to_cli)?;
-    tracing::warn!("stopping: intake closed, finishing the in-flight batch");
+    let pipeline = daemon.pipeline.clone();
+    tokio::select! {
+        _ = signals.recv() => {
+            tracing::info!("stopping: intake closed, finishing the in-flight batch");
+        }
+        _ = pipeline.drained(), if a.exit_when_drained => {
+            tracing::info!("drained: every queued board is answered; exiting (--exit-when-drained)");
+        }
+    }
     daemon.shutdown().await;
     Ok(Exit::Ok)
 }
@@ -76,6 +88,25 @@ pub struct ScanArgs {
     pub socket: Option<PathBuf>,
 }
 
+/// `requeue SERIAL [--force] [--wait] [--timeout 60s]`.
+#[derive(Debug, Args)]
+pub struct RequeueArgs {
+    /// Serial of a board whose row is `rejected` (after the cause was fixed).
+    pub serial: String,
+    /// Also requeue a `conflict` row (after the operator fixed the enrollment in DPS).
+    #[arg(long)]
+    pub force: bool,
+    /// Block until DPS answered for the board again.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this long (with --wait).
+    #[arg(long, default_value = "60s")]
+    pub timeout: String,
+    /// Control socket (default: the config's [control] socket).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+}
+
 /// `status`: human summary, or the snapshot JSON with --json.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -89,6 +120,13 @@ pub struct StatusArgs {
 pub struct ControlArgs {
     #[arg(value_enum)]
     pub action: ControlAction,
+    /// With `drain`: wait until the drain is complete (exit 0), or give up after --timeout
+    /// (exit 1, the daemon keeps draining).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long `drain --wait` waits.
+    #[arg(long, default_value = "10m")]
+    pub timeout: String,
     /// Control socket (default: the config's [control] socket).
     #[arg(long)]
     pub socket: Option<PathBuf>,
@@ -100,7 +138,8 @@ pub enum ControlAction {
     Pause,
     /// Take scans again.
     Resume,
-    /// Stop intake for good and empty the queue.
+    /// Stop intake until restart and send the queue now; `status` shows `draining`, then
+    /// `drained` (with `--wait`, block until then).
     Drain,
 }
 
@@ -197,15 +236,39 @@ fn control_error(e: ControlError) -> CliError {
 }
 
 pub async fn scan(g: &GlobalOpts, a: ScanArgs) -> Result<Exit, CliError> {
-    let timeout = humantime::parse_duration(&a.timeout)
-        .map_err(|e| CliError::usage(format!("--timeout {:?}: {e}", a.timeout)))?;
-    let path = control_socket(g, a.socket)?;
-    let mut client = ControlClient::connect(&path).await.map_err(control_error)?;
     let req = ControlRequest::Scan {
         serial: a.serial.clone(),
         slot: a.slot,
         wait: a.wait,
     };
+    replies(g, a.socket, req, &a.serial, a.wait, &a.timeout).await
+}
+
+/// `requeue`: exit 0 once queued (with --wait: once enrolled), 1 when the daemon refuses
+/// (unknown serial, a state that cannot be requeued) or DPS refuses again, 2 without a daemon.
+pub async fn requeue(g: &GlobalOpts, a: RequeueArgs) -> Result<Exit, CliError> {
+    let req = ControlRequest::Requeue {
+        serial: a.serial.clone(),
+        force: a.force,
+        wait: a.wait,
+    };
+    replies(g, a.socket, req, &a.serial, a.wait, &a.timeout).await
+}
+
+/// Send a scan-like request and print its reply lines until the first (or, with `wait`,
+/// the final) one; the exit code follows the last reply.
+async fn replies(
+    g: &GlobalOpts,
+    socket: Option<PathBuf>,
+    req: ControlRequest,
+    serial: &str,
+    wait: bool,
+    timeout_text: &str,
+) -> Result<Exit, CliError> {
+    let timeout = humantime::parse_duration(timeout_text)
+        .map_err(|e| CliError::usage(format!("--timeout {timeout_text:?}: {e}")))?;
+    let path = control_socket(g, socket)?;
+    let mut client = ControlClient::connect(&path).await.map_err(control_error)?;
     client.send(&req).await.map_err(control_error)?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -213,8 +276,7 @@ pub async fn scan(g: &GlobalOpts, a: ScanArgs) -> Result<Exit, CliError> {
         let v = match next {
             Err(_) => {
                 return Err(CliError::failed(format!(
-                    "no final reply for {} within {}",
-                    a.serial, a.timeout
+                    "no final reply for {serial} within {timeout_text}"
                 ))
                 .with_hint("the board stays queued in the daemon; check `dps-station status`"))
             }
@@ -242,7 +304,7 @@ pub async fn scan(g: &GlobalOpts, a: ScanArgs) -> Result<Exit, CliError> {
         let is_final = v.get("final").and_then(|f| f.as_bool()).unwrap_or(true);
         match reply.split(' ').next().unwrap_or("") {
             "ENROLLED" => return Ok(Exit::Ok),
-            "QUEUED" if !a.wait || is_final => return Ok(Exit::Ok),
+            "QUEUED" if !wait || is_final => return Ok(Exit::Ok),
             "QUEUED" => continue,
             _ => return Ok(Exit::Failed),
         }
@@ -271,14 +333,87 @@ pub async fn control(g: &GlobalOpts, a: ControlArgs) -> Result<Exit, CliError> {
         ControlAction::Resume => ControlRequest::Resume,
         ControlAction::Drain => ControlRequest::Drain,
     };
+    let timeout = humantime::parse_duration(&a.timeout)
+        .map_err(|e| CliError::usage(format!("--timeout {:?}: {e}", a.timeout)))?;
+    if a.wait && a.action != ControlAction::Drain {
+        return Err(CliError::usage("--wait applies to `control drain` only"));
+    }
     let v = client.call(&req).await.map_err(control_error)?;
-    if v.get("ok").and_then(|o| o.as_bool()) == Some(true) {
+    if v.get("ok").and_then(|o| o.as_bool()) != Some(true) {
+        return Err(CliError::failed(format!("daemon refused: {v}")));
+    }
+    if !a.wait {
         if g.json {
             println!("{v}");
         }
-        Ok(Exit::Ok)
-    } else {
-        Err(CliError::failed(format!("daemon refused: {v}")))
+        return Ok(Exit::Ok);
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let snap = match client.status().await {
+            Ok(s) => s,
+            // The daemon went away after taking the drain: `run --exit-when-drained` does
+            // that as soon as the drain completes. The journal tells whether it did.
+            Err(e) => return drained_daemon_gone(g, e),
+        };
+        if snap.drained {
+            if g.json {
+                let text = serde_json::to_string(&snap)
+                    .map_err(|e| CliError::failed(format!("encoding the status: {e}")))?;
+                println!("{text}");
+            } else {
+                println!(
+                    "drained: {}",
+                    ["enrolled", "conflict", "rejected"]
+                        .iter()
+                        .map(|k| format!("{k}={}", snap.count(k)))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+            }
+            return Ok(Exit::Ok);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(CliError::failed(format!(
+                "not drained within {}: {} queued, {} in flight",
+                a.timeout, snap.queue_depth, snap.in_flight
+            ))
+            .with_hint(
+                "the daemon keeps draining; see `dps-station status` (DPS health, last errors)",
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// `control drain --wait` lost the daemon: exit 0 if its journal holds no queued board (the
+/// drain completed and the daemon exited), else report the lost connection.
+fn drained_daemon_gone(g: &GlobalOpts, lost: ControlError) -> Result<Exit, CliError> {
+    let db = state_db(g, None)?;
+    let queued = rusqlite::Connection::open_with_flags(
+        &db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .and_then(|c| {
+        c.query_row(
+            "SELECT count(*) FROM boards WHERE state = 'queued'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+    });
+    match queued {
+        Ok(0) => {
+            println!("drained: the daemon exited (--exit-when-drained); nothing is queued");
+            Ok(Exit::Ok)
+        }
+        Ok(n) => Err(CliError::failed(format!(
+            "the daemon went away while draining with {n} boards still queued ({lost})"
+        ))
+        .with_hint("they are kept in the journal and sent when the daemon runs again")),
+        Err(e) => Err(CliError::failed(format!(
+            "the daemon went away while draining ({lost}); cannot read {}: {e}",
+            db.display()
+        ))),
     }
 }
 

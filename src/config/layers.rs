@@ -296,6 +296,27 @@ impl Loader {
         }))
     }
 
+    /// The latest layer and byte span where `needle` is written on a line that is not a
+    /// comment (for values whose own span was lost in a merge).
+    pub(super) fn find_text(&self, needle: &str) -> Option<(usize, Range<usize>)> {
+        if needle.is_empty() {
+            return None;
+        }
+        self.layers.iter().enumerate().rev().find_map(|(i, layer)| {
+            let mut offset = 0;
+            for line in layer.text.split_inclusive('\n') {
+                if !line.trim_start().starts_with('#') {
+                    if let Some(pos) = line.find(needle) {
+                        let start = offset + pos;
+                        return Some((i, start..start + needle.len()));
+                    }
+                }
+                offset += line.len();
+            }
+            None
+        })
+    }
+
     pub(super) fn at<T>(&self, at: &At<T>, key: &str, message: impl Into<String>) -> ConfigError {
         self.diag(
             at.layer,
@@ -324,7 +345,8 @@ impl Loader {
 
     fn absorb(&mut self, raw: RawRoot, layer: usize) -> Result<(), ConfigError> {
         if let Some(d) = raw.dps {
-            self.acc.dps_seen.get_or_insert((layer, d.first_span()));
+            let span = header_span(&self.layers[layer].text, "dps", 0).or_else(|| d.first_span());
+            self.acc.dps_seen.get_or_insert((layer, span));
             self.acc.dps.absorb(d, layer);
         }
         if let Some(b) = raw.batch {
@@ -349,8 +371,18 @@ impl Loader {
         }
         if let Some(slots) = raw.slot {
             let mut names_here = BTreeSet::new();
-            for slot in slots {
-                let span = slot.first_span();
+            // `[[slot]]` headers pair with the slots in order when every slot has one (not
+            // for `slot = [{ … }]`): then errors point at the header even of an empty slot.
+            let text = &self.layers[layer].text;
+            let headers = if count_headers(text, "[slot]") == slots.len() {
+                (0..slots.len())
+                    .map(|i| header_span(text, "[slot]", i))
+                    .collect()
+            } else {
+                vec![None; slots.len()]
+            };
+            for (slot, header) in slots.into_iter().zip(headers) {
+                let span = header.or_else(|| slot.first_span());
                 let Some(name) = slot.name.as_ref() else {
                     return Err(self.diag(
                         layer,
@@ -383,12 +415,15 @@ impl Loader {
             }
         }
         if let Some(d) = raw.dice {
-            self.acc.dice_seen.get_or_insert((layer, d.first_span()));
+            let span = header_span(&self.layers[layer].text, "dice", 0).or_else(|| d.first_span());
+            self.acc.dice_seen.get_or_insert((layer, span));
             self.acc.dice.absorb(d, layer);
         }
         if let Some(t) = raw.trigger {
             if let Some(s) = t.serial {
-                self.acc.serial_seen.get_or_insert((layer, s.first_span()));
+                let span = header_span(&self.layers[layer].text, "trigger.serial", 0)
+                    .or_else(|| s.first_span());
+                self.acc.serial_seen.get_or_insert((layer, span));
                 self.acc.serial.absorb(s, layer);
             }
         }
@@ -471,6 +506,29 @@ impl Loader {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The lines of `text` that are the table header `[name]` (`[[slot]]` is name `[slot]`),
+/// as byte spans, comments and surrounding blanks allowed.
+fn header_lines<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = Range<usize>> + 'a {
+    let mut offset = 0;
+    text.split_inclusive('\n').filter_map(move |line| {
+        let start = offset;
+        offset += line.len();
+        let body = line.split('#').next().unwrap_or("").trim();
+        let inner = body.strip_prefix('[')?.strip_suffix(']')?;
+        let normalized: String = inner.chars().filter(|c| !c.is_whitespace()).collect();
+        (normalized == name.replace(' ', "")).then(|| start..start + line.trim_end().len())
+    })
+}
+
+fn count_headers(text: &str, name: &str) -> usize {
+    header_lines(text, name).count()
+}
+
+/// The span of the `nth` header `[name]` in `text`.
+fn header_span(text: &str, name: &str, nth: usize) -> Option<Range<usize>> {
+    header_lines(text, name).nth(nth)
 }
 
 pub(super) fn merge_tables(base: &mut toml::Table, over: toml::Table) {

@@ -79,14 +79,43 @@ pub(super) fn toml_to_json(v: &toml::Value) -> Value {
     }
 }
 
+/// A template string in a JSON tree that does not parse: where it is and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TemplateFault {
+    /// Dotted path below the tree's root, e.g. `tags.serial`.
+    pub(super) path: String,
+    /// The offending string as written.
+    pub(super) text: String,
+    pub(super) message: String,
+}
+
 /// Check every string in a JSON tree for valid placeholders.
-pub(super) fn check_json_templates(v: &Value) -> Result<(), String> {
-    match v {
-        Value::String(s) => placeholders(s).map(|_| ()),
-        Value::Array(a) => a.iter().try_for_each(check_json_templates),
-        Value::Object(o) => o.values().try_for_each(check_json_templates),
-        _ => Ok(()),
+pub(super) fn check_json_templates(v: &Value) -> Result<(), TemplateFault> {
+    fn walk(v: &Value, path: &mut Vec<String>) -> Result<(), TemplateFault> {
+        match v {
+            Value::String(s) => placeholders(s)
+                .map(|_| ())
+                .map_err(|message| TemplateFault {
+                    path: path.join("."),
+                    text: s.clone(),
+                    message,
+                }),
+            Value::Array(a) => a.iter().enumerate().try_for_each(|(i, x)| {
+                path.push(i.to_string());
+                let r = walk(x, path);
+                path.pop();
+                r
+            }),
+            Value::Object(o) => o.iter().try_for_each(|(k, x)| {
+                path.push(k.clone());
+                let r = walk(x, path);
+                path.pop();
+                r
+            }),
+            _ => Ok(()),
+        }
     }
+    walk(v, &mut Vec::new())
 }
 
 pub(super) fn substitute_json(

@@ -116,10 +116,16 @@ pub(super) fn build_dps(
         None => None,
     };
     if connection_string_file.is_none() && credentials_directory.is_none() {
-        return Err(l.missing(
-            "dps.connection_string_file",
-            "no connection string source: set connection_string_file, or run under systemd with \
-             LoadCredential=dps-connection-string:PATH",
+        // Point at the `[dps]` table that lacks it.
+        let (layer, span) = a.dps_seen.clone().unwrap_or((0, None));
+        return Err(with_hint(
+            l.diag(
+                layer,
+                span,
+                Some(String::from("dps.connection_string_file")),
+                "no connection string source: set connection_string_file, or run under systemd \
+                 with LoadCredential=dps-connection-string:PATH",
+            ),
             "connection_string_file = \"/etc/dps-station/dps-connection-string\"",
         ));
     }
@@ -299,13 +305,19 @@ pub(super) fn build_enrollment(l: &Loader) -> Result<EnrollmentTemplate, ConfigE
     let initial_twin = match &e.initial_twin {
         Some((layer, twin)) => {
             let j = twin.to_json();
-            check_json_templates(&j).map_err(|m| {
-                l.diag(
-                    *layer,
-                    None,
-                    Some(String::from("enrollment.initial_twin")),
-                    m,
-                )
+            check_json_templates(&j).map_err(|f| {
+                // The merged twin keeps no spans: find the string in the layers, the
+                // latest first (it is the one that won the merge).
+                let (layer, span) = l
+                    .find_text(&f.text)
+                    .map(|(layer, span)| (layer, Some(span)))
+                    .unwrap_or((*layer, None));
+                let key = if f.path.is_empty() {
+                    String::from("enrollment.initial_twin")
+                } else {
+                    format!("enrollment.initial_twin.{}", f.path)
+                };
+                l.diag(layer, span, Some(key), f.message)
             })?;
             Some(j)
         }
@@ -534,6 +546,35 @@ pub(super) fn build_slots(
                     ),
                     "add [dice] with ca_cert, ca_key and fwid",
                 ));
+            }
+        }
+        // The template must give a valid registration id for an ordinary serial: a literal
+        // that can never work (a space, a leading '-', too long for X.509) is refused here,
+        // on its line, not at every scan.
+        {
+            let effective = registration_id
+                .as_deref()
+                .unwrap_or(&enrollment.registration_id);
+            let ek = "a".repeat(52);
+            let sample = super::template::substitute(effective, "SN0001", &name, Some(&ek))
+                .map(|t| t.to_ascii_lowercase());
+            let parsed = sample.and_then(|id| {
+                match attestation {
+                    Attestation::Tpm => RegistrationId::parse(&id),
+                    Attestation::Dice => RegistrationId::parse_x509(&id),
+                }
+                .map(|_| ())
+                .map_err(|e| format!("{effective:?} gives {id:?} for serial SN0001: {e}"))
+            });
+            if let Err(m) = parsed {
+                return Err(match (&s.registration_id, &a.enrollment.registration_id) {
+                    (Some(v), _) => l.at(v, &key("registration_id"), m),
+                    (None, Some(v)) => l.at(v, "enrollment.registration_id", m),
+                    (None, None) => {
+                        let (layer, span) = entry.first.clone();
+                        l.diag(layer, span, Some(key("registration_id")), m)
+                    }
+                });
             }
         }
         let tpm_timeout = match &s.tpm_timeout {

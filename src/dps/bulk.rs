@@ -1,4 +1,4 @@
-//! Bulk operations of any size: items are sent in chunks of at most
+//! Bulk operations of any size (individual enrollments and enrollment groups): items are sent in chunks of at most
 //! [`MAX_BULK_ITEMS`](super::MAX_BULK_ITEMS) (one request each, ⌈n/10⌉ requests), and the
 //! per-item results are merged into one `{"isSuccessful":…,"errors":[…]}` report plus a
 //! per-item outcome list. A chunk whose request fails as a whole gives each of its items
@@ -8,8 +8,9 @@
 use super::client::{DpsClient, MAX_BULK_ITEMS};
 use super::error::DpsError;
 use super::models::{
-    BulkEnrollmentOperationError, BulkEnrollmentOperationResult, Extra, IndividualEnrollment,
-    OperationMode,
+    BulkEnrollmentGroupOperationError, BulkEnrollmentGroupOperationResult,
+    BulkEnrollmentOperationError, BulkEnrollmentOperationResult, EnrollmentGroup, Extra,
+    IndividualEnrollment, OperationMode,
 };
 
 /// What happened to one item.
@@ -50,6 +51,113 @@ fn chunk_error_code(e: &DpsError) -> i32 {
         .unwrap_or(0)
 }
 
+/// Items of one chunk that the service did not name in `errors` succeeded; a whole-request
+/// failure is given to each item of the chunk.
+type ChunkResult = Result<(bool, Vec<BulkEnrollmentOperationError>), DpsError>;
+
+/// Send `items` in chunks of at most [`MAX_BULK_ITEMS`] through `send` and merge the
+/// per-item results (shared by individual enrollments and enrollment groups).
+async fn run_chunks<T: Clone, F, Fut>(
+    items: &[T],
+    id_of: impl Fn(&T) -> &str,
+    mut send: F,
+    mut progress: impl FnMut(usize),
+) -> BulkReport
+where
+    F: FnMut(Vec<T>) -> Fut,
+    Fut: std::future::Future<Output = ChunkResult>,
+{
+    let mut report = BulkReport::default();
+    let mut stop: Option<(i32, String)> = None;
+    let mut done = 0;
+    for chunk in items.chunks(MAX_BULK_ITEMS) {
+        let chunk_result = match &stop {
+            Some((code, why)) => Err((*code, why.clone())),
+            None => {
+                report.requests += 1;
+                match send(chunk.to_vec()).await {
+                    Ok(r) => Ok(r),
+                    Err(e) => {
+                        let code = chunk_error_code(&e);
+                        let msg = e.to_string();
+                        if !matches!(e.innermost(), DpsError::BadRequest(_)) {
+                            stop =
+                                Some((code, format!("not sent: an earlier chunk failed: {msg}")));
+                        }
+                        Err((code, msg))
+                    }
+                }
+            }
+        };
+        for item in chunk {
+            let id = id_of(item);
+            let error = match &chunk_result {
+                Ok((_, errors)) => errors
+                    .iter()
+                    .find(|er| er.registration_id.eq_ignore_ascii_case(id))
+                    .cloned(),
+                Err((code, msg)) => Some(BulkEnrollmentOperationError {
+                    registration_id: id.to_string(),
+                    error_code: *code,
+                    error_status: msg.clone(),
+                    extra: Extra::new(),
+                }),
+            };
+            report.outcomes.push(BulkItemOutcome {
+                registration_id: id.to_string(),
+                error,
+            });
+        }
+        // A chunk the service called unsuccessful without naming an item: say so on
+        // every item rather than report success.
+        if let Ok((false, errors)) = &chunk_result {
+            if errors.is_empty() {
+                let start = report.outcomes.len() - chunk.len();
+                for o in &mut report.outcomes[start..] {
+                    o.error = Some(BulkEnrollmentOperationError {
+                        registration_id: o.registration_id.clone(),
+                        error_code: 0,
+                        error_status:
+                            "the service reported the chunk unsuccessful without item errors".into(),
+                        extra: Extra::new(),
+                    });
+                }
+            }
+        }
+        done += chunk.len();
+        progress(done);
+    }
+    report.result.errors = report
+        .outcomes
+        .iter()
+        .filter_map(|o| o.error.clone())
+        .collect();
+    report.result.is_successful = report.result.errors.is_empty();
+    report
+}
+
+impl BulkReport {
+    /// The merged report in the enrollment-group wire shape (`enrollmentGroupId` per
+    /// error), for a report made by [`DpsClient::bulk_groups_chunked`].
+    pub fn group_result(&self) -> BulkEnrollmentGroupOperationResult {
+        BulkEnrollmentGroupOperationResult {
+            is_successful: self.result.is_successful,
+            errors: self
+                .result
+                .errors
+                .iter()
+                .map(|e| BulkEnrollmentGroupOperationError {
+                    enrollment_group_id: e.registration_id.clone(),
+                    error_code: e.error_code,
+                    error_status: e.error_status.clone(),
+                    extra: e.extra.clone(),
+                })
+                .collect(),
+            extra: Extra::new(),
+        }
+    }
+}
+
 impl DpsClient {
     /// Run a bulk operation over any number of items, ≤ 10 per request. `progress` is
     /// called after each chunk with the number of items done so far.
@@ -57,80 +165,45 @@ impl DpsClient {
         &self,
         mode: OperationMode,
         items: &[IndividualEnrollment],
-        mut progress: impl FnMut(usize),
+        progress: impl FnMut(usize),
     ) -> BulkReport {
-        let mut report = BulkReport::default();
-        let mut stop: Option<(i32, String)> = None;
-        let mut done = 0;
-        for chunk in items.chunks(MAX_BULK_ITEMS) {
-            let chunk_result = match &stop {
-                Some((code, why)) => Err((*code, why.clone())),
-                None => {
-                    report.requests += 1;
-                    match self.bulk_enrollments(mode.clone(), chunk).await {
-                        Ok(r) => Ok(r),
-                        Err(e) => {
-                            let code = chunk_error_code(&e);
-                            let msg = e.to_string();
-                            if !matches!(e.innermost(), DpsError::BadRequest(_)) {
-                                stop = Some((
-                                    code,
-                                    format!("not sent: an earlier chunk failed: {msg}"),
-                                ));
-                            }
-                            Err((code, msg))
-                        }
-                    }
-                }
-            };
-            for item in chunk {
-                let error = match &chunk_result {
-                    Ok(r) => r
+        let send = |chunk: Vec<IndividualEnrollment>| {
+            let mode = mode.clone();
+            async move {
+                self.bulk_enrollments(mode, &chunk)
+                    .await
+                    .map(|r| (r.is_successful, r.errors))
+            }
+        };
+        run_chunks(items, |e| e.registration_id.as_str(), send, progress).await
+    }
+
+    /// Bulk operation over any number of enrollment groups, ≤ 10 per request. The
+    /// report's `registration_id`s are the group ids; see [`BulkReport::group_result`].
+    pub async fn bulk_groups_chunked(
+        &self,
+        mode: OperationMode,
+        items: &[EnrollmentGroup],
+        progress: impl FnMut(usize),
+    ) -> BulkReport {
+        let send = |chunk: Vec<EnrollmentGroup>| {
+            let mode = mode.clone();
+            async move {
+                self.bulk_groups(mode, &chunk).await.map(|r| {
+                    let errors = r
                         .errors
-                        .iter()
-                        .find(|er| {
-                            er.registration_id
-                                .eq_ignore_ascii_case(&item.registration_id)
+                        .into_iter()
+                        .map(|e| BulkEnrollmentOperationError {
+                            registration_id: e.enrollment_group_id,
+                            error_code: e.error_code,
+                            error_status: e.error_status,
+                            extra: e.extra,
                         })
-                        .cloned(),
-                    Err((code, msg)) => Some(BulkEnrollmentOperationError {
-                        registration_id: item.registration_id.clone(),
-                        error_code: *code,
-                        error_status: msg.clone(),
-                        extra: Extra::new(),
-                    }),
-                };
-                report.outcomes.push(BulkItemOutcome {
-                    registration_id: item.registration_id.clone(),
-                    error,
-                });
+                        .collect();
+                    (r.is_successful, errors)
+                })
             }
-            // A chunk the service called unsuccessful without naming an item: say so on
-            // every item rather than report success.
-            if let Ok(r) = &chunk_result {
-                if !r.is_successful && r.errors.is_empty() {
-                    let start = report.outcomes.len() - chunk.len();
-                    for o in &mut report.outcomes[start..] {
-                        o.error = Some(BulkEnrollmentOperationError {
-                            registration_id: o.registration_id.clone(),
-                            error_code: 0,
-                            error_status:
-                                "the service reported the chunk unsuccessful without item errors"
-                                    .into(),
-                            extra: Extra::new(),
-                        });
-                    }
-                }
-            }
-            done += chunk.len();
-            progress(done);
-        }
-        report.result.errors = report
-            .outcomes
-            .iter()
-            .filter_map(|o| o.error.clone())
-            .collect();
-        report.result.is_successful = report.result.errors.is_empty();
-        report
+        };
+        run_chunks(items, |g| g.enrollment_group_id.as_str(), send, progress).await
     }
 }

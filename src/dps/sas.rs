@@ -89,6 +89,14 @@ impl SasSigner {
         }
     }
 
+    /// Use tokens valid for `ttl` (at least 1 s) instead of [`TOKEN_TTL`]; they are renewed
+    /// once less than a fifth of it (at least 1 s) is left.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl.max(Duration::from_secs(1));
+        self.cached = Mutex::new(None);
+        self
+    }
+
     /// The current token, signing a new one when none is cached or the cached one has
     /// less than [`RENEW_MARGIN`] (scaled to the TTL) left.
     pub fn token(&self) -> Secret<String> {
@@ -97,7 +105,7 @@ impl SasSigner {
 
     /// [`SasSigner::token`] at a given clock reading (seconds since the epoch).
     pub fn token_at(&self, now: u64) -> Secret<String> {
-        let margin = self.ttl.as_secs() / 5;
+        let margin = (self.ttl.as_secs() / 5).max(1);
         let mut guard = match self.cached.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),

@@ -36,7 +36,8 @@ pub struct EmulatorOptions {
     /// PEM certificate chain and private key; both set = HTTPS.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
-    /// At most this many operations in any sliding 60 s window (429 beyond).
+    /// Token bucket: at most N operations per minute sustained, bursts of N/10
+    /// (429 + `Retry-After` beyond), see [`faults::Throttle`].
     pub ops_per_minute: Option<u32>,
     /// Fault spec, see [`faults::FaultSpec::parse`].
     pub faults: Option<String>,

@@ -15,7 +15,8 @@
 //! - Error codes not recorded anywhere: 400001 api-version, 400002 JSON, 400004 schema,
 //!   400011 id, 400012 bulk size, 400013 path/body id, 400014 certificate, 400015 query,
 //!   400016 continuation, 400017 attestation; 401002; 404202 registration; 412203
-//!   registration etag; 429001 throttled; injected errors `status*1000+1`.
+//!   registration etag; 429001 throttled; injected errors `status*1000+1`; the
+//!   `bad-id=ID` fault refuses a bulk request naming that id with 400004.
 //!   `x-ms-error-code` carries the numeric code.
 //! - Defaults: only `provisioningStatus` is filled in; `capabilities` and
 //!   `reprovisionPolicy` sent as null stay absent, as in the recorded responses.
@@ -1114,6 +1115,29 @@ fn bulk(sh: &Shared, c: Coll, body: &Bytes) -> Result<Response, ApiError> {
                 items.len()
             ),
         ));
+    }
+
+    // Injected `bad-id=ID` fault: the whole request is refused with one 400 naming the item,
+    // the way DPS refuses a body it cannot take as a whole (nothing of it is applied).
+    {
+        let faults = lock(&sh.faults);
+        let bad = items.iter().enumerate().find_map(|(i, item)| {
+            item.get(c.id_field())
+                .and_then(Value::as_str)
+                .filter(|id| faults.is_bad_id(id))
+                .map(|id| (i, id.to_string()))
+        });
+        if let Some((i, id)) = bad {
+            tracing::info!(%id, "injected fault: bulk request refused as a whole (bad-id)");
+            return Err(ApiError::bad_request(
+                E_SCHEMA,
+                format!(
+                    "Invalid request body: {}[{i}].{}: {id:?} is refused (injected fault bad-id).",
+                    c.bulk_field(),
+                    c.id_field()
+                ),
+            ));
+        }
     }
 
     let mut errors = Vec::new();

@@ -177,6 +177,21 @@ fn attestation_matches(row: &BoardRow, found: &IndividualEnrollment) -> bool {
     }
 }
 
+/// True when DPS refused the request because of its body (400, and 409/412/413 which a
+/// bulk create should never get): an answer about the items in it. Everything else
+/// (429, 5xx, 401/403, 404 on the bulk path, transport failures, an undecodable answer)
+/// says nothing about the boards, so their rows must stay queued, never be rejected.
+fn refused_for_its_body(e: &DpsError) -> bool {
+    match e.innermost() {
+        DpsError::BadRequest(_)
+        | DpsError::Conflict(_)
+        | DpsError::PreconditionFailed(_)
+        | DpsError::InvalidInput(_) => true,
+        DpsError::Service(se) => se.status == 413,
+        _ => false,
+    }
+}
+
 fn parse_time(s: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(s, &Rfc3339).ok()
 }
@@ -418,12 +433,11 @@ impl Core {
                     self.note_ok();
                     return Ok(None);
                 }
-                Err(e)
-                    if e.is_retryable() || matches!(e.innermost(), DpsError::Unauthorized(_)) =>
-                {
-                    self.note_failure(&e);
-                }
-                Err(e) => return Err(Some(e)),
+                // DPS refused the GET of this id itself: that is the row's answer.
+                Err(e) if refused_for_its_body(&e) => return Err(Some(e)),
+                // Anything else (throttled, down, credentials, an unreadable answer) says
+                // nothing about the board: ask again after a backoff, never guess.
+                Err(e) => self.note_failure(&e),
             }
         }
     }
@@ -589,7 +603,11 @@ impl Core {
         };
         let result = match res {
             Ok(r) => r,
-            Err(e) if e.is_retryable() || matches!(e.innermost(), DpsError::Unauthorized(_)) => {
+            Err(e) if !refused_for_its_body(&e) => {
+                // Not an answer about these boards (throttled, down, unreachable, bad
+                // credentials or endpoint, an unreadable answer): they stay queued, and
+                // the operator sees the error in `status`. A re-send after an answer we
+                // could not read is safe: the items then come back 409201, resolved by GET.
                 self.note_failure(&e);
                 let why = format!("retry: {e}");
                 self.pipeline
@@ -599,8 +617,10 @@ impl Core {
                 return Ok(SendOutcome::Done);
             }
             Err(e) if rows.len() > 1 => {
-                // One bad item can make DPS refuse the whole request (e.g. 400): send
-                // these rows one by one so that only the bad one is rejected.
+                // DPS answers bulk items one by one (HTTP 200 + errors[]), but a body it
+                // cannot take as a whole (e.g. one item failing request validation) may
+                // be refused with one 400 for the whole request. Which item is at fault
+                // is unknown: send these rows one by one, so only that one is rejected.
                 let last = rows.iter().map(|r| r.id).max().unwrap_or(0);
                 self.single_until.fetch_max(last, Ordering::SeqCst);
                 tracing::warn!(batch, error = %e, "bulk create refused; re-sending its rows one by one");
@@ -702,6 +722,45 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_refusal_of_the_body_is_an_answer_about_the_boards() {
+        use crate::dps::error::{ServiceError, TransportKind};
+        let status = |status: u16| {
+            DpsError::from_status(ServiceError {
+                operation: "IndividualEnrollment_RunBulkOperation",
+                status,
+                error_code: Some(u32::from(status) * 1000 + 1),
+                tracking_id: None,
+                message: String::from("x"),
+                retry_after: None,
+            })
+        };
+        for s in [400, 409, 412, 413] {
+            assert!(refused_for_its_body(&status(s)), "{s}");
+        }
+        for s in [401, 403, 404, 405, 429, 500, 503] {
+            assert!(!refused_for_its_body(&status(s)), "{s}");
+        }
+        let decode = DpsError::Decode {
+            operation: "IndividualEnrollment_RunBulkOperation",
+            message: String::from("not JSON"),
+        };
+        assert!(!refused_for_its_body(&decode));
+        let tls = DpsError::Transport {
+            operation: "IndividualEnrollment_RunBulkOperation",
+            kind: TransportKind::Tls,
+            url: String::from("https://x"),
+            message: String::from("bad certificate"),
+        };
+        assert!(!refused_for_its_body(&tls));
+        let wrapped = DpsError::RetryBudgetExhausted {
+            attempts: 2,
+            elapsed: Duration::from_secs(1),
+            last: Box::new(status(400)),
+        };
+        assert!(refused_for_its_body(&wrapped));
+    }
 
     #[test]
     fn pacer_spaces_requests_evenly() {

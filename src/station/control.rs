@@ -1,5 +1,6 @@
 //! The daemon's control socket: a Unix stream socket (mode 0660) through which
-//! `dps-station scan`, `status` and `control pause|resume|drain` talk to a running `run`.
+//! `dps-station scan`, `requeue`, `status` and `control pause|resume|drain` talk to a
+//! running `run`.
 //!
 //! Protocol: JSON lines (UTF-8, one object per `\n`-terminated line, at most
 //! [`MAX_REQUEST_LINE`] bytes). A connection carries any number of requests, answered in
@@ -8,12 +9,18 @@
 //! | request | response lines |
 //! |---|---|
 //! | `{"cmd":"scan","serial":"S","slot":null,"wait":true}` | `{"reply":"QUEUED S regid","final":false}` … then the final reply line (`"final":true`); with `"wait":false` (the default) only the first reply |
+//! | `{"cmd":"requeue","serial":"S","force":false,"wait":false}` | a `rejected` row (a DPS `conflict` with `"force":true`) goes back to the queue: replies as for `scan`; a refusal (unknown serial, other state) is `{"error":"…"}` |
 //! | `{"cmd":"status"}` | one line: the [`StatusSnapshot`] object |
 //! | `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"drain"}` | `{"ok":true}` |
 //! | anything else (bad JSON, unknown `cmd`, unknown field, over-long, not UTF-8) | `{"error":"…"}`; the connection stays usable |
 //!
 //! `reply` is exactly the DESIGN §5 reply line, without terminator. If the daemon stops
 //! before a final reply, the server sends `{"error":"…"}` instead.
+//!
+//! `pause` refuses scans until `resume`. `drain` stops intake until the daemon restarts and
+//! sends the queue at once; the status then shows `"draining":true`, and `"drained":true`
+//! once nothing is queued, in flight or half-way (`dps-station control drain --wait` polls
+//! for that; `run --exit-when-drained` exits 0 then).
 //!
 //! This module must never panic on input, never delete a path that is not a socket, and
 //! never take over a socket another live daemon is serving.
@@ -63,6 +70,14 @@ pub enum ControlRequest {
         serial: String,
         #[serde(default)]
         slot: Option<String>,
+        #[serde(default)]
+        wait: bool,
+    },
+    /// Operator requeue of a rejected (or, forced, a conflict) board.
+    Requeue {
+        serial: String,
+        #[serde(default)]
+        force: bool,
         #[serde(default)]
         wait: bool,
     },
@@ -322,34 +337,58 @@ async fn handle_connection(
                 write_json(&mut w, &serde_json::json!({"ok": true})).await?;
             }
             ControlRequest::Scan { serial, slot, wait } => {
-                let mut rx = pipeline.submit(ScanRequest { slot, serial }).await;
-                loop {
-                    let next = tokio::select! {
-                        _ = wait_true(&mut shutdown) => {
-                            write_error(&mut w, "daemon is shutting down").await?;
-                            return Ok(());
-                        }
-                        next = rx.recv() => next,
-                    };
-                    match next {
-                        Some(reply) => {
-                            let is_final = reply.is_final();
-                            let line = ReplyLine {
-                                reply: reply.to_string(),
-                                is_final,
-                            };
-                            write_json(&mut w, &line).await?;
-                            if is_final || !wait {
-                                break;
-                            }
-                        }
-                        None => {
-                            write_error(&mut w, "the pipeline stopped before a final reply")
-                                .await?;
-                            break;
-                        }
+                let rx = pipeline.submit(ScanRequest { slot, serial }).await;
+                if !stream_replies(&mut w, rx, wait, &mut shutdown).await? {
+                    return Ok(());
+                }
+            }
+            ControlRequest::Requeue {
+                serial,
+                force,
+                wait,
+            } => match pipeline.requeue(&serial, force).await {
+                Ok(rx) => {
+                    if !stream_replies(&mut w, rx, wait, &mut shutdown).await? {
+                        return Ok(());
                     }
                 }
+                Err(e) => write_error(&mut w, &e.to_string()).await?,
+            },
+        }
+    }
+}
+
+/// Write a scan's replies as [`ReplyLine`]s: the first one, or with `wait` up to the final
+/// one. False when the daemon is shutting down (the connection should end).
+async fn stream_replies(
+    w: &mut OwnedWriteHalf,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::station::pipeline::Reply>,
+    wait: bool,
+    shutdown: &mut watch::Receiver<bool>,
+) -> io::Result<bool> {
+    loop {
+        let next = tokio::select! {
+            _ = wait_true(shutdown) => {
+                write_error(w, "daemon is shutting down").await?;
+                return Ok(false);
+            }
+            next = rx.recv() => next,
+        };
+        match next {
+            Some(reply) => {
+                let is_final = reply.is_final();
+                let line = ReplyLine {
+                    reply: reply.to_string(),
+                    is_final,
+                };
+                write_json(w, &line).await?;
+                if is_final || !wait {
+                    return Ok(true);
+                }
+            }
+            None => {
+                write_error(w, "the pipeline stopped before a final reply").await?;
+                return Ok(true);
             }
         }
     }
@@ -491,6 +530,16 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"scan"}"#).is_err());
+        let r: ControlRequest = serde_json::from_str(r#"{"cmd":"requeue","serial":"S1"}"#).unwrap();
+        assert_eq!(
+            r,
+            ControlRequest::Requeue {
+                serial: "S1".into(),
+                force: false,
+                wait: false
+            }
+        );
+        assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"requeue"}"#).is_err());
         assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"reboot"}"#).is_err());
         assert!(serde_json::from_str::<ControlRequest>(
             r#"{"cmd":"scan","serial":"S","wiat":true}"#

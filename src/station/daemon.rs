@@ -61,6 +61,8 @@ pub struct Daemon {
     pub http_addr: Option<std::net::SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Tasks that end by themselves on shutdown (control socket: removes its file; HTTP).
+    graceful: Vec<tokio::task::JoinHandle<()>>,
     batcher: tokio::task::JoinHandle<()>,
     trigger: Option<Arc<SerialTrigger>>,
 }
@@ -338,19 +340,44 @@ impl Daemon {
         let store =
             StoreWriter::spawn(&cfg.state.path).map_err(|e| DaemonError::Runtime(e.to_string()))?;
         let metrics = Metrics::new();
+        for s in slots.iter().filter(|s| s.kind == "tpm") {
+            metrics.register_tpm_slot(&s.name);
+        }
         let pipeline = PipelineHandle::new(store, slots, metrics.clone());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let mut graceful = Vec::new();
 
         // Control socket: bind now so that a live daemon on it is an error before READY.
+        // Both listeners are bound before anything is served, so a failure of the second
+        // leaves nothing running and no socket file behind.
         let sock = cfg.control.socket.clone();
         let listener = crate::station::control::bind(&sock)
             .await
             .map_err(|e| DaemonError::setup(e.to_string()))?;
+        let http_listener = match &cfg.control.http {
+            None => None,
+            Some(addr) => {
+                let bound = async {
+                    let l = tokio::net::TcpListener::bind(addr.as_str()).await?;
+                    let a = l.local_addr()?;
+                    Ok::<_, std::io::Error>((l, a))
+                }
+                .await;
+                match bound {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        drop(listener);
+                        let _ = std::fs::remove_file(&sock);
+                        return Err(DaemonError::setup(format!("[control] http {addr}: {e}")));
+                    }
+                }
+            }
+        };
         {
             let p = pipeline.clone();
             let rx = shutdown_rx.clone();
-            tasks.push(tokio::spawn(async move {
+            graceful.push(tokio::spawn(async move {
                 if let Err(e) =
                     crate::station::control::serve_listener(listener, &sock, p, rx).await
                 {
@@ -360,19 +387,13 @@ impl Daemon {
         }
 
         let mut http_addr = None;
-        if let Some(addr) = &cfg.control.http {
-            let l = tokio::net::TcpListener::bind(addr.as_str())
-                .await
-                .map_err(|e| DaemonError::setup(format!("[control] http {addr}: {e}")))?;
-            let bound = l
-                .local_addr()
-                .map_err(|e| DaemonError::Runtime(format!("[control] http {addr}: {e}")))?;
-            tracing::warn!(addr = %bound, "HTTP status server listening");
+        if let Some((l, bound)) = http_listener {
+            tracing::info!(addr = %bound, "HTTP status server listening");
             http_addr = Some(bound);
             let p = pipeline.clone();
             let m = metrics.clone();
             let rx = shutdown_rx.clone();
-            tasks.push(tokio::spawn(async move {
+            graceful.push(tokio::spawn(async move {
                 if let Err(e) = crate::station::http::serve(l, p, m, rx).await {
                     tracing::error!(error = %e, "HTTP server stopped");
                 }
@@ -511,7 +532,8 @@ impl Daemon {
             }));
         }
         sd_notify(&[sd_notify::NotifyState::Ready]);
-        tracing::warn!(
+        tracing::info!(
+            http = %http_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
             socket = %cfg.control.socket.display(),
             db = %cfg.state.path.display(),
             slots = cfg.slots.len(),
@@ -522,6 +544,7 @@ impl Daemon {
             http_addr,
             shutdown_tx,
             tasks,
+            graceful,
             batcher,
             trigger,
         })
@@ -536,6 +559,13 @@ impl Daemon {
         if tokio::time::timeout(bound, self.batcher).await.is_err() {
             tracing::warn!("batcher did not stop in time; its batch is reconciled at next start");
         }
+        // Let the control socket remove its file and HTTP finish its answers (bounded).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        for mut t in self.graceful {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                t.abort();
+            }
+        }
         for t in self.tasks {
             t.abort();
         }
@@ -549,27 +579,48 @@ impl Daemon {
 
 /// Load the config at `path`, run until SIGTERM/SIGINT, stop cleanly.
 pub async fn run_from_path(path: &Path) -> Result<(), DaemonError> {
+    let mut signals = StopSignals::install()?;
     let cfg = crate::config::load(path).map_err(|e| DaemonError::Setup {
         message: e.to_string(),
         hint: e.hint().map(str::to_owned),
     })?;
     let d = Daemon::start(cfg).await?;
-    wait_for_signal().await?;
-    tracing::warn!("stopping: intake closed, finishing the in-flight batch");
+    signals.recv().await;
+    tracing::info!("stopping: intake closed, finishing the in-flight batch");
     d.shutdown().await;
     Ok(())
 }
 
-/// Wait for SIGTERM or SIGINT.
-pub async fn wait_for_signal() -> Result<(), DaemonError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())
-        .map_err(|e| DaemonError::Runtime(format!("cannot watch SIGTERM: {e}")))?;
-    let mut int = signal(SignalKind::interrupt())
-        .map_err(|e| DaemonError::Runtime(format!("cannot watch SIGINT: {e}")))?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment of [`install`](Self::install): install them
+/// before starting the daemon, so that a SIGTERM arriving while it starts (or right after
+/// its socket appears) still ends in a clean stop and exit 0, never a death by signal.
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn install() -> Result<StopSignals, DaemonError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())
+                .map_err(|e| DaemonError::Runtime(format!("cannot watch SIGTERM: {e}")))?,
+            int: signal(SignalKind::interrupt())
+                .map_err(|e| DaemonError::Runtime(format!("cannot watch SIGINT: {e}")))?,
+        })
     }
+
+    /// The next SIGTERM or SIGINT (also one that arrived since `install`).
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// Wait for SIGTERM or SIGINT (handlers installed now; prefer [`StopSignals`]).
+pub async fn wait_for_signal() -> Result<(), DaemonError> {
+    StopSignals::install()?.recv().await;
     Ok(())
 }

@@ -3,8 +3,9 @@
 //! slot each), a development CA for a DICE slot, writes a config and a connection-string
 //! file into a private temporary directory, runs `dps-station run` as a child process,
 //! and drives it through a real pty pair as the barcode scanner: good boards, a duplicate
-//! scan, a bad scan and a throttle episode. It prints every reply line, the final board
-//! table, and keeps the operator page reachable while it runs.
+//! scan, a bad scan and a throttle episode (the emulator's real operations-per-minute
+//! quota). It prints every reply line, the final board table, and keeps the operator page
+//! reachable while it runs.
 //!
 //! It must never touch the system's own config, state or sockets (everything lives in the
 //! temporary directory), never print the emulator's key, and never leave child processes
@@ -195,6 +196,18 @@ impl Scanner {
             .write_all(format!("{text}\r\n").as_bytes())
             .and_then(|_| self.master.flush())
             .map_err(|e| format!("writing to the pty: {e}"))
+    }
+
+    /// Record replies for `d`, however many arrive.
+    async fn pump_for(&mut self, d: Duration) {
+        let deadline = Instant::now() + d;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            self.pump(deadline - now).await;
+        }
     }
 
     async fn pump(&mut self, wait: Duration) {
@@ -413,8 +426,9 @@ pub async fn run(opts: DemoOptions) -> Result<DemoOutcome, DemoError> {
     }
     let stats = emulator.stats();
     println!(
-        "emulator: {} requests, {} enrollments created, each exactly once: {}",
+        "emulator: {} requests ({} throttled), {} enrollments created, each exactly once: {}",
         stats.requests,
+        stats.throttled,
         stats.creates.values().sum::<u64>(),
         stats.creates.values().all(|n| *n == 1)
     );
@@ -477,6 +491,12 @@ fn print_log_tail(log: &Path) {
         }
     }
 }
+
+/// The emulator's quota (operations per minute) during the throttle episode: bursts of 3,
+/// then a token every 2 s, so Retry-After is 1–2 s and the episode stays short.
+const THROTTLE_QUOTA: u32 = 30;
+/// At most this many boards are scanned into the throttle episode.
+const THROTTLE_MAX_BOARDS: u32 = 8;
 
 /// The scanner's part: each step prints its replies; a missing reply is recorded.
 async fn script(
@@ -543,36 +563,52 @@ async fn script(
     let _ = sc.scan("fixture-1:not a serial!");
     need(sc, "ERROR", "-", t, &mut out).await;
 
-    println!("[4/6] throttle episode: DPS answers every request with 429 for a while");
-    // A fault-injected 429 storm rather than the emulator's per-minute quota: the quota's
-    // sliding 60 s window answers Retry-After ≈ 60 s, which the daemon honours in full.
-    if let Err(e) = emulator.set_faults("error-rate=1,status=429") {
-        out.missing
-            .push(format!("setting the emulator's 429 fault: {e}"));
-    }
-    let _ = sc.scan("dice-1:DICE-0002");
-    let _ = sc.scan("dice-1:DICE-0003");
-    need(sc, "QUEUED", "DICE-0002", t, &mut out).await;
-    need(sc, "QUEUED", "DICE-0003", t, &mut out).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut throttled = 0;
-    while Instant::now() < deadline {
-        throttled = daemon_throttled(socket).await;
-        if throttled >= 2 {
+    println!(
+        "[4/6] throttle episode: the emulator's quota drops to {THROTTLE_QUOTA} operations/min \
+         (a token bucket: bursts of {}, then one token every {} s); boards keep coming",
+        THROTTLE_QUOTA.div_ceil(10),
+        60 / THROTTLE_QUOTA
+    );
+    // The emulator's real quota: every bulk request takes a token, and a request past the
+    // burst gets 429 with Retry-After = seconds to the next token. The daemon's own pacing
+    // (1000/min) does not know the lower quota, so it runs into it and must back off.
+    emulator.set_ops_per_minute(Some(THROTTLE_QUOTA));
+    let throttled_before = emulator.stats().throttled;
+    let mut serials = Vec::new();
+    // One board every 450 ms: each goes alone in its own bulk request (linger 300 ms), so
+    // the burst is used up after a few boards; stop scanning once DPS has refused one.
+    for i in 2..=THROTTLE_MAX_BOARDS + 1 {
+        let serial = format!("DICE-{i:04}");
+        if let Err(e) = sc.scan(&format!("dice-1:{serial}")) {
+            out.missing.push(e);
             break;
         }
-        sc.pump(Duration::from_millis(100)).await;
+        serials.push(serial);
+        sc.pump_for(Duration::from_millis(450)).await;
+        if emulator.stats().throttled > throttled_before && serials.len() >= 2 {
+            break;
+        }
     }
-    println!("  the daemon saw {throttled} throttled answer(s), kept the boards queued and backed off; lifting the fault");
-    if throttled == 0 {
-        out.missing.push("a 429 seen by the daemon".into());
+    for serial in &serials {
+        need(sc, "QUEUED", serial, t, &mut out).await;
     }
-    if let Err(e) = emulator.set_faults("") {
+    // Still under the quota: the refused rows stayed queued and go once Retry-After passed.
+    for serial in &serials {
+        need(sc, "ENROLLED", serial, t, &mut out).await;
+    }
+    let refused = emulator.stats().throttled - throttled_before;
+    let seen = daemon_throttled(socket).await;
+    println!(
+        "  the daemon saw {seen} throttled answer(s) (the emulator answered {refused} request(s) \
+         with 429), kept those boards queued, honoured Retry-After and enrolled all {} boards \
+         under the quota; lifting the quota",
+        serials.len()
+    );
+    if refused == 0 || seen == 0 {
         out.missing
-            .push(format!("clearing the emulator's fault: {e}"));
+            .push("a 429 from the emulator's quota, seen by the daemon".into());
     }
-    need(sc, "ENROLLED", "DICE-0002", t, &mut out).await;
-    need(sc, "ENROLLED", "DICE-0003", t, &mut out).await;
+    emulator.set_ops_per_minute(None);
     sc.pump(Duration::from_millis(50)).await;
     out.replies = sc.seen.clone();
     if out.ok() {

@@ -126,13 +126,7 @@ pub fn html_escape(s: &str) -> String {
 pub fn render_page(s: &StatusSnapshot) -> String {
     let e = html_escape;
     let mut h = String::new();
-    let mode = if s.draining {
-        "draining"
-    } else if s.paused {
-        "paused"
-    } else {
-        "running"
-    };
+    let mode = s.mode();
     let _ = write!(
         h,
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\

@@ -5,6 +5,7 @@
 //! line at the right level without a journald client library. Log lines must never carry
 //! keys, SAS tokens or private keys; callers log ids and error codes only.
 use std::fmt;
+use std::io::IsTerminal;
 
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields};
@@ -59,8 +60,8 @@ pub fn default_level(verbose: u8, quiet: bool) -> &'static str {
     }
 }
 
-/// Initialise logging once; `-v` raises and `-q` lowers the default level. The daemon
-/// (`run`) raises the default to info itself by passing `verbose >= 1`.
+/// Initialise logging once; `-v` raises and `-q` lowers the default level. `main` passes
+/// `verbose >= 1` for `run`, so the daemon logs at info by default.
 pub fn init(verbose: u8, quiet: bool) {
     let level = default_level(verbose, quiet);
     // tss-esapi logs its own failures through `log`; our typed TPM errors already carry
@@ -76,12 +77,15 @@ pub fn init(verbose: u8, quiet: bool) {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            .with_ansi(false)
             .event_format(JournalFormat)
             .try_init();
     } else {
+        // Colour only for a person at a terminal; files and pipes get plain text.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
             .try_init();
     }
 }

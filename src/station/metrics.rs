@@ -108,6 +108,13 @@ impl Metrics {
     pub fn inc_throttled(&self) {
         self.throttled.inc();
     }
+    /// Export a TPM slot's error counter at 0 from the start (so alerts on its rate work
+    /// before the first error).
+    pub fn register_tpm_slot(&self, slot: &str) {
+        let _ = self
+            .tpm_errors
+            .get_or_create(&vec![("slot".to_string(), slot.to_string())]);
+    }
     pub fn inc_tpm_error(&self, slot: &str) {
         self.tpm_errors
             .get_or_create(&vec![("slot".to_string(), slot.to_string())])

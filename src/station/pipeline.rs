@@ -15,7 +15,9 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::station::metrics::Metrics;
 use crate::station::status::{DpsHealth, SlotStatus, StatusSnapshot};
-use crate::station::store::{Admission, BoardRow, NewBoard, Source, State, StoreWriter};
+use crate::station::store::{
+    Admission, BoardRow, NewBoard, Source, State, StoreError, StoreWriter,
+};
 
 /// One reply line of DESIGN §5. `Display` renders exactly the line (no terminator).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +141,23 @@ impl fmt::Display for Reply {
     }
 }
 
+/// Why an operator requeue was refused. Messages name the serial, never a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum RequeueError {
+    #[error("no board with serial {0} is recorded")]
+    UnknownSerial(String),
+    #[error("board {serial} is {state}: {why}")]
+    Refused {
+        serial: String,
+        state: String,
+        why: &'static str,
+    },
+    #[error("the station is shutting down")]
+    Stopping,
+    #[error(transparent)]
+    Store(StoreError),
+}
+
 /// A scan as it arrives from a trigger: an optional slot name and the board serial.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScanRequest {
@@ -250,11 +269,17 @@ pub(crate) struct Inner {
     pub(crate) wake: Notify,
     /// Subscribers by (registration id, serial).
     subs: Mutex<HashMap<SubKey, Vec<mpsc::UnboundedSender<Reply>>>>,
+    /// Where replies of rows that came from the serial line go (set by `resubscribe`), so
+    /// that a row requeued by the operator answers on the scanner again.
+    serial_sink: Mutex<Option<mpsc::UnboundedSender<Reply>>>,
     slot_stats: Mutex<HashMap<String, SlotStats>>,
     pub(crate) dps: Mutex<DpsHealth>,
     last_errors: Mutex<Vec<String>>,
     extra: Mutex<StatusExtras>,
     pub(crate) in_flight: AtomicU64,
+    /// Scans between "accepted for processing" and their first reply (attesting or
+    /// committing): a drain is complete only when none is left.
+    scans_in_progress: AtomicU64,
 }
 
 /// Parts of the snapshot the daemon fills in once it knows them.
@@ -293,11 +318,13 @@ impl PipelineHandle {
                 started_at: crate::station::store::now_rfc3339(),
                 wake: Notify::new(),
                 subs: Mutex::new(HashMap::new()),
+                serial_sink: Mutex::new(None),
                 slot_stats: Mutex::new(slot_stats),
                 dps: Mutex::new(DpsHealth::default()),
                 last_errors: Mutex::new(Vec::new()),
                 extra: Mutex::new(StatusExtras::default()),
                 in_flight: AtomicU64::new(0),
+                scans_in_progress: AtomicU64::new(0),
             }),
         }
     }
@@ -333,13 +360,84 @@ impl PipelineHandle {
         let this = self.clone();
         // The scan runs on its own task: a client that goes away does not cancel a scan
         // half-way between attestation and commit.
+        self.inner.scans_in_progress.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
-            if let Some(reply) = this.process(req, source, tx.clone()).await {
+            let first = this.process(req, source, tx.clone()).await;
+            this.inner.scans_in_progress.fetch_sub(1, Ordering::SeqCst);
+            if let Some(reply) = first {
                 this.note_reply(&reply);
                 let _ = tx.send(reply);
             }
         });
         rx
+    }
+
+    /// Operator requeue (`dps-station requeue SERIAL [--force]`): the row standing for
+    /// `serial` goes back to `queued` if it is `rejected` (or, with `force`, a conflict DPS
+    /// answered), through [`Store::requeue`](crate::station::store::Store::requeue). The
+    /// receiver yields `QUEUED` and then the final reply once DPS answered; a row that came
+    /// from the serial line also answers there again.
+    pub async fn requeue(
+        &self,
+        serial: &str,
+        force: bool,
+    ) -> Result<mpsc::UnboundedReceiver<Reply>, RequeueError> {
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return Err(RequeueError::Stopping);
+        }
+        let s2 = serial.to_owned();
+        let row = self
+            .inner
+            .store
+            .call(move |s| s.by_serial(&s2))
+            .await
+            .map_err(RequeueError::Store)?
+            .ok_or_else(|| RequeueError::UnknownSerial(serial.to_owned()))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let key = (row.registration_id.clone(), row.serial.clone());
+        let serial_sink = if row.source == Source::Serial.as_str() {
+            self.inner.serial_sink.lock().ok().and_then(|s| s.clone())
+        } else {
+            None
+        };
+        // Subscribe before the commit: the batcher may answer for the row at once.
+        self.subscribe(key.clone(), &tx);
+        if let Some(sink) = &serial_sink {
+            self.subscribe(key.clone(), sink);
+        }
+        let this = self.clone();
+        let id = row.id;
+        let res = self
+            .inner
+            .store
+            .call(move |s| {
+                let row = s.requeue(id, force)?;
+                // QUEUED goes out on the writer thread, before any batch can claim the row.
+                this.publish(&row);
+                Ok(row)
+            })
+            .await;
+        match res {
+            Ok(row) => {
+                tracing::info!(serial = %row.serial, registration_id = %row.registration_id, "board requeued by the operator");
+                self.inner.wake.notify_one();
+                Ok(rx)
+            }
+            Err(e) => {
+                self.unsubscribe(&key, &tx);
+                if let Some(sink) = &serial_sink {
+                    self.unsubscribe(&key, sink);
+                }
+                Err(match e {
+                    StoreError::NotRequeueable { state, why, .. } => RequeueError::Refused {
+                        serial: serial.to_owned(),
+                        state,
+                        why,
+                    },
+                    other => RequeueError::Store(other),
+                })
+            }
+        }
     }
 
     /// Send every future reply of the queued rows that came from the serial line (e.g.
@@ -355,6 +453,11 @@ impl PipelineHandle {
             .call(move |s| s.queued_from(source))
             .await?;
         let n = rows.len();
+        if source == Source::Serial {
+            if let Ok(mut s) = self.inner.serial_sink.lock() {
+                *s = Some(sink.clone());
+            }
+        }
         if let Ok(mut subs) = self.inner.subs.lock() {
             for key in rows {
                 subs.entry(key).or_default().push(sink.clone());
@@ -610,11 +713,17 @@ impl PipelineHandle {
             .lock()
             .map(|e| e.clone())
             .unwrap_or_default();
+        let draining = self.inner.draining.load(Ordering::SeqCst);
+        let drained = draining
+            && unsent == 0
+            && in_batch == 0
+            && self.inner.scans_in_progress.load(Ordering::SeqCst) == 0;
         StatusSnapshot {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             started_at: self.inner.started_at.clone(),
             paused: self.inner.paused.load(Ordering::SeqCst),
-            draining: self.inner.draining.load(Ordering::SeqCst),
+            draining,
+            drained,
             queue_depth: unsent,
             in_flight: in_batch,
             counts,
@@ -642,10 +751,31 @@ impl PipelineHandle {
         self.inner.paused.store(false, Ordering::SeqCst);
     }
 
-    /// Stop intake for good and let the batcher send what is queued without lingering.
+    /// Drain (end of shift, before maintenance): stop intake until the daemon restarts
+    /// (scans get `ERROR <serial> draining …`; `resume` does not undo it) and send every
+    /// queued row at once, without the `max_delay` linger. The status shows `draining`
+    /// until no row is queued or in flight and no scan is half-way, then `drained`; `run
+    /// --exit-when-drained` then exits 0. Rows DPS cannot take yet (service down) keep the
+    /// drain open: nothing is dropped to finish it.
     pub fn drain(&self) {
         self.inner.draining.store(true, Ordering::SeqCst);
         self.inner.wake.notify_one();
+    }
+
+    /// Resolves once a requested drain is complete (see [`drain`](Self::drain)); pending
+    /// forever if no drain is requested. Polls the store every 100 ms.
+    pub async fn drained(&self) {
+        loop {
+            if self.is_draining() && self.inner.scans_in_progress.load(Ordering::SeqCst) == 0 {
+                let depth = self.inner.store.call(|s| s.queue_depth()).await;
+                if matches!(depth, Ok((0, 0)))
+                    && self.inner.scans_in_progress.load(Ordering::SeqCst) == 0
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 
     /// Refuse every new scan from now on (SIGTERM).

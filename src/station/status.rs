@@ -17,8 +17,12 @@ pub struct StatusSnapshot {
     pub started_at: String,
     /// Intake paused by an operator (`dps-station control pause`).
     pub paused: bool,
-    /// Draining: no new scans accepted, queue being emptied.
+    /// A drain was requested (`dps-station control drain`): no new scans are accepted until
+    /// restart and the queue is sent without lingering.
     pub draining: bool,
+    /// The drain is complete: nothing queued, in flight or half-way through the pipeline.
+    #[serde(default)]
+    pub drained: bool,
     /// Board rows in state `queued` not yet sent to DPS.
     pub queue_depth: u64,
     /// Board rows in a bulk request that has not been answered yet.
@@ -73,16 +77,23 @@ impl StatusSnapshot {
         self.counts.get(state).copied().unwrap_or(0)
     }
 
-    /// The human summary `dps-station status` prints.
-    pub fn render_text(&self) -> String {
-        let mut s = String::new();
-        let mode = if self.draining {
+    /// `running`, `paused`, `draining` (drain requested, queue not empty yet) or `drained`.
+    pub fn mode(&self) -> &'static str {
+        if self.drained {
+            "drained"
+        } else if self.draining {
             "draining"
         } else if self.paused {
             "paused"
         } else {
             "running"
-        };
+        }
+    }
+
+    /// The human summary `dps-station status` prints.
+    pub fn render_text(&self) -> String {
+        let mut s = String::new();
+        let mode = self.mode();
         let _ = writeln!(
             s,
             "dps-station {} — {} since {}",

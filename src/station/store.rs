@@ -2,7 +2,8 @@
 //! board, its audit events and the bulk batches sent to DPS.
 //!
 //! Rows change only through [`State`] transitions (queued → enrolled | conflict | rejected,
-//! or conflict at insert), each written together with its audit event. Inserts that arrive
+//! or conflict at insert; rejected, or with `force` a DPS conflict, → queued by an operator's
+//! [`Store::requeue`]), each written together with its audit event. Inserts that arrive
 //! together share one transaction ([`StoreWriter`], group commit). This module knows nothing
 //! of DPS, HTTP or serial ports, and it never reports a row as stored before its commit.
 use std::collections::BTreeMap;
@@ -41,6 +42,12 @@ pub enum StoreError {
     Transition { id: i64, from: String, to: String },
     #[error("board {0} does not exist")]
     NoSuchBoard(i64),
+    #[error("board {id} is {state}: {why}")]
+    NotRequeueable {
+        id: i64,
+        state: String,
+        why: &'static str,
+    },
     #[error("state database writer has stopped")]
     WriterGone,
     #[error("state database {path}: cannot start the writer thread: {source}")]
@@ -432,6 +439,73 @@ impl Store {
         };
         let tx = self.conn.transaction().map_err(mk)?;
         let row = apply(&tx, id, t, &now_rfc3339())?;
+        tx.commit().map_err(mk)?;
+        Ok(row)
+    }
+
+    /// Operator requeue: put a `rejected` row (with `force`, also a `conflict` row that
+    /// DPS answered, never a scan's conflict record) back to `queued`, unsent, with its
+    /// `dps_error_code` and `enrolled_at` cleared, and the audit event `requeued` /
+    /// "requeued by operator (was …)". The batcher then sends it as usual.
+    pub fn requeue(&mut self, id: i64, force: bool) -> Result<BoardRow, StoreError> {
+        let path = self.path.clone();
+        let mk = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let now = now_rfc3339();
+        let tx = self.conn.transaction().map_err(mk)?;
+        let current: Option<(String, Option<String>, Option<i64>)> = tx
+            .query_row(
+                "SELECT state, scan_conflict, dps_error_code FROM boards WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(mk)?;
+        let Some((state, scan_conflict, code)) = current else {
+            return Err(StoreError::NoSuchBoard(id));
+        };
+        let refuse = |why| StoreError::NotRequeueable {
+            id,
+            state: state.clone(),
+            why,
+        };
+        match State::parse(&state) {
+            Some(State::Rejected) => {}
+            Some(State::Conflict) if scan_conflict.is_some() => {
+                return Err(refuse(
+                    "it records a scan whose identity clashed; rescan the board instead",
+                ))
+            }
+            Some(State::Conflict) if !force => {
+                return Err(refuse(
+                    "requeue it with --force once DPS no longer holds the other attestation",
+                ))
+            }
+            Some(State::Conflict) => {}
+            Some(State::Queued) => return Err(refuse("it is already waiting for DPS")),
+            Some(State::Enrolled) => return Err(refuse("DPS already holds its enrollment")),
+            None => return Err(refuse("unknown state")),
+        }
+        let was = match code {
+            Some(c) => format!("requeued by operator (was {state} {c})"),
+            None => format!("requeued by operator (was {state})"),
+        };
+        tx.execute(
+            "UPDATE boards SET state = 'queued', dps_error_code = NULL, detail = NULL, \
+             enrolled_at = NULL, batch_id = NULL, updated_at = ?1 WHERE id = ?2",
+            params![now, id],
+        )
+        .map_err(mk)?;
+        event(&tx, Some(id), &now, "requeued", Some(&was)).map_err(mk)?;
+        let row = tx
+            .query_row(
+                &format!("SELECT {ROW_COLUMNS} FROM boards WHERE id = ?1"),
+                [id],
+                row_from,
+            )
+            .map_err(mk)?;
         tx.commit().map_err(mk)?;
         Ok(row)
     }
@@ -1079,6 +1153,69 @@ mod tests {
         ));
         let kinds: Vec<String> = s.events(r.id).unwrap().into_iter().map(|e| e.0).collect();
         assert_eq!(kinds, ["queued", "rejected"]);
+    }
+
+    #[test]
+    fn operator_requeue_takes_rejected_and_forced_conflicts_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("s.db")).unwrap();
+        let r = inserted(s.admit(&board("SN-1", "ek1")));
+        let (batch, _) = s.begin_batch(&[r.id]).unwrap();
+        let rejected = Transition::Rejected {
+            code: 400004,
+            detail: "bad".into(),
+        };
+        s.finish_batch(batch, &[(r.id, rejected)], "sent").unwrap();
+        // Queued rows cannot be requeued; a rejected one can, and becomes unsent again.
+        let back = s.requeue(r.id, false).unwrap();
+        assert_eq!(back.state, State::Queued);
+        assert_eq!((back.dps_error_code, back.batch_id), (None, None));
+        assert_eq!(s.unsent(10).unwrap().len(), 1);
+        assert!(matches!(
+            s.requeue(r.id, true),
+            Err(StoreError::NotRequeueable { .. })
+        ));
+        let events = s.events(r.id).unwrap();
+        let last = events.last().unwrap();
+        assert_eq!(last.0, "requeued");
+        assert_eq!(
+            last.1.as_deref(),
+            Some("requeued by operator (was rejected 400004)")
+        );
+        // Enrolled: refused.
+        let done = s
+            .transition(r.id, &Transition::Enrolled { detail: None })
+            .unwrap();
+        assert!(matches!(
+            s.requeue(done.id, true),
+            Err(StoreError::NotRequeueable { .. })
+        ));
+        // A DPS conflict needs force; a scan's conflict record never goes back.
+        let c = inserted(s.admit(&board("SN-2", "ek2")));
+        s.transition(
+            c.id,
+            &Transition::Conflict {
+                detail: "attestation-mismatch: x".into(),
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            s.requeue(c.id, false),
+            Err(StoreError::NotRequeueable { .. })
+        ));
+        assert_eq!(s.requeue(c.id, true).unwrap().state, State::Queued);
+        let dup = match s.admit(&board("SN-3", "ek1")).unwrap() {
+            Admission::Duplicate { conflict, .. } => conflict,
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(
+            s.requeue(dup.id, true),
+            Err(StoreError::NotRequeueable { .. })
+        ));
+        assert!(matches!(
+            s.requeue(999, true),
+            Err(StoreError::NoSuchBoard(999))
+        ));
     }
 
     #[test]

@@ -20,6 +20,17 @@ impl Scanner {
     /// holds it.
     pub fn new() -> Scanner {
         let (mut master, slave) = TTYPort::pair().expect("open a pty pair");
+        // serialport opens the master without close-on-exec: a child spawned later (the
+        // daemon, a swtpm of a parallel test) would inherit it, and an "unplugged" scanner
+        // would never hang up.
+        {
+            use std::os::fd::AsRawFd;
+            nix::fcntl::fcntl(
+                master.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )
+            .expect("set close-on-exec on the pty master");
+        }
         let slave_path = PathBuf::from(slave.name().expect("pty slave name"));
         drop(slave);
         master
@@ -28,9 +39,20 @@ impl Scanner {
         Scanner { master, slave_path }
     }
 
-    /// Send raw bytes as the scanner would.
+    /// Send raw bytes as the scanner would. While nobody holds the slave end (the daemon
+    /// is starting or was just killed) the master refuses writes; like an operator waiting
+    /// for the station, retry for a while before calling it a failure.
     pub fn send(&mut self, bytes: &[u8]) {
-        self.master.write_all(bytes).expect("write to pty master");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.master.write_all(bytes) {
+                Ok(()) => break,
+                Err(e) if Instant::now() < deadline && slave_closed(&e) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("write to pty master: {e}"),
+            }
+        }
         self.master.flush().ok();
     }
 
@@ -47,11 +69,20 @@ impl Scanner {
             match self.master.read(&mut buf) {
                 Ok(n) => got.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                // No process holds the slave right now (e.g. the daemon is restarting):
+                // nothing to read yet.
+                Err(e) if slave_closed(&e) => std::thread::sleep(Duration::from_millis(20)),
                 Err(e) => panic!("reading pty master: {e}"),
             }
         }
         String::from_utf8_lossy(&got).into_owned()
     }
+}
+
+/// The errors a pty master gives while no process has its slave open (EIO on Linux,
+/// reported by serialport as a broken pipe or a raw EIO).
+fn slave_closed(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::BrokenPipe || e.raw_os_error() == Some(libc::EIO)
 }
 
 /// A stable port name (a symlink in a tempdir) pointing at the current scanner's slave.

@@ -178,10 +178,21 @@ impl DaemonProcess {
 
     /// Like [`spawn`](Self::spawn) with extra environment variables (e.g. NOTIFY_SOCKET).
     pub fn spawn_with_env(config: &Path, log: &Path, env: &[(&str, String)]) -> DaemonProcess {
+        Self::spawn_full(config, log, &[], env)
+    }
+
+    /// `dps-station -v run --config CONFIG EXTRA…` with extra environment variables.
+    pub fn spawn_full(
+        config: &Path,
+        log: &Path,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> DaemonProcess {
         let err = std::fs::File::create(log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_dps-station"))
             .args(["-v", "run", "--config"])
             .arg(config)
+            .args(extra)
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID")
@@ -214,6 +225,19 @@ impl DaemonProcess {
             "daemon not ready: {}",
             std::fs::read_to_string(&self.log).unwrap_or_default()
         );
+    }
+
+    /// The exit code once the process ends by itself within `within` (None: still running
+    /// or killed by a signal).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn kill9(&mut self) {
