@@ -13,8 +13,10 @@
 #   BENCHES="dice tpm" scripts/bench.sh # a subset (the summary marks the others n/a)
 #   BENCH_OUT=/tmp/b.md scripts/bench.sh
 # Other knobs, passed through to the benches: BENCH_BOARDS (pipeline, default 5000),
-# TPM_BENCH_N (tpm, default 100). Exit status: 0 when every bench ran, 1 otherwise
-# (a MISS against a target is reported, not an error).
+# TPM_BENCH_N (tpm, default 100); BENCH_PIPELINE_RUNS (default 3: the pipeline bench is run
+# that many times and its median run is reported, all runs listed).
+# Exit status: 0 when every bench ran, 1 otherwise (a MISS against a target is reported, not
+# an error).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -32,6 +34,10 @@ loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 started_utc=$(date -u +"%Y-%m-%d %H:%M:%S UTC")
 load_start=$(loadavg)
 t_start=$(date +%s)
+# The source the binaries are built from (read-only git; this file itself does not count).
+rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+dirty=$(git status --porcelain --untracked-files=no -- . ':!BENCHMARKS.md' 2>/dev/null | head -1 || true)
+[ -n "$dirty" ] && rev="$rev + uncommitted changes"
 
 # ---- build once -----------------------------------------------------------------------
 echo "bench: building release bench binaries (cargo bench --no-run)…" >&2
@@ -58,6 +64,13 @@ timeout_of() {
         *) echo 600 ;;
     esac
 }
+# The pipeline figure is CPU-bound on a shared machine: run it several times, keep the median.
+runs_of() {
+    case "$1" in
+        pipeline) echo "${BENCH_PIPELINE_RUNS:-3}" ;;
+        *) echo 1 ;;
+    esac
+}
 for b in $benches; do
     exe=$(exe_of "$b")
     if [ -z "$exe" ] || [ ! -x "$exe" ]; then
@@ -69,7 +82,10 @@ for b in $benches; do
     load_before[$b]=$(loadavg)
     t0=$(date +%s)
     rc=0
-    timeout "$(timeout_of "$b")" "$exe" --bench >"$work/$b.md" 2>"$work/$b.log" || rc=$?
+    for r in $(seq 1 "$(runs_of "$b")"); do
+        timeout "$(timeout_of "$b")" "$exe" --bench >"$work/$b.$r.md" 2>>"$work/$b.log" || rc=$?
+    done
+    cp "$work/$b.1.md" "$work/$b.md"
     secs[$b]=$(($(date +%s) - t0))
     load_after[$b]=$(loadavg)
     status[$b]=$([ "$rc" = 0 ] && echo ok || echo "exit $rc")
@@ -99,6 +115,17 @@ mark() {
 }
 
 P="$work/pipeline.md" T="$work/tpm.md" D="$work/dice.md"
+# Median pipeline run (by boards/s): its table stands for the bench; every run is listed.
+pipe_runs=""
+if [ -f "$work/pipeline.1.md" ]; then
+    ranked=$(for f in "$work"/pipeline.[0-9]*.md; do
+        echo "$(num "$(cell "$f" "pipeline scan" 2)") $f"
+    done | sort -n)
+    pipe_runs=$(awk '{ printf "%s%s", (NR > 1 ? ", " : ""), $1 }' <<<"$ranked")
+    n_runs=$(wc -l <<<"$ranked")
+    median_file=$(sed -n "$(((n_runs + 1) / 2))p" <<<"$ranked" | cut -d' ' -f2-)
+    [ -n "$median_file" ] && cp "$median_file" "$P"
+fi
 pipe_rate=$(num "$(cell "$P" "pipeline scan" 2)")
 pipe_base=$(num "$(cell "$P" "baseline: one PUT" 2)")
 restart_s=$(num "$(cell "$P" "restart with" 2)")
@@ -149,9 +176,10 @@ limit_note() {
   re-parsing SQL text on every call, which `prepare_cached` would remove); 31 % on the tokio
   workers (control socket, batcher, reqwest and the in-process emulator). The figure is
   bound by one core of journal work, and the machine has two cores shared with the
-  emulator and with other work, so it moves with the load average and with the build:
-  five runs on 2026-11-26 gave 673 boards/s (load 3.9, an earlier build of the station),
-  then 2,116 to 2,756 boards/s (load 1 to 4).
+  emulator and with other work, so it moves with the load: on 2026-11-26 the same binary
+  gave 2,116 to 2,880 boards/s while the machine was otherwise quiet, and 923 to 1,253
+  boards/s while other engineers' builds (rustc and rust-lld, seen in `top`) held both
+  cores. Compare the load average in the Runs table before reading a miss as a regression.
 EOF
         ;;
         throttled) cat <<'EOF'
@@ -204,10 +232,7 @@ cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 mem_total=$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
 cmd="scripts/bench.sh"
 [ "${MAKELEVEL:-0}" != 0 ] && cmd="make bench (→ scripts/bench.sh)"
-env_used="BENCH_SECONDS=$BENCH_SECONDS BENCH_BOARDS=${BENCH_BOARDS:-5000} TPM_BENCH_N=${TPM_BENCH_N:-100}"
-rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-dirty=$(git status --porcelain 2>/dev/null | head -1)
-[ -n "$dirty" ] && rev="$rev + uncommitted changes"
+env_used="BENCH_PIPELINE_RUNS=${BENCH_PIPELINE_RUNS:-3} BENCH_SECONDS=$BENCH_SECONDS BENCH_BOARDS=${BENCH_BOARDS:-5000} TPM_BENCH_N=${TPM_BENCH_N:-100}"
 
 {
     echo "# Benchmarks"
@@ -231,7 +256,7 @@ dirty=$(git status --porcelain 2>/dev/null | head -1)
     echo
     echo "| figure | result | baseline (same run) | target (DESIGN §9) | mark |"
     echo "|---|---:|---:|---|---|"
-    echo "| unthrottled pipeline, scan → enrolled, control socket, store on disk | $(or_na "$pipe_rate" " boards/s") | one PUT per device: $(or_na "$pipe_base" " devices/s") | ≥ 2,000 boards/s | $m_pipe |"
+    echo "| unthrottled pipeline, scan → enrolled, control socket, store on disk (median of runs: $(or_na "$pipe_runs" " boards/s")) | $(or_na "$pipe_rate" " boards/s") | one PUT per device: $(or_na "$pipe_base" " devices/s") | ≥ 2,000 boards/s | $m_pipe |"
     echo "| DPS at 1,000 ops/min: enrollments/min, share of the 10,000/min ceiling (${BENCH_SECONDS} s window; steady state $(or_na "$thr_steady" " %")) | $(or_na "$thr_per_min" "/min") = $(or_na "$thr_pct" " %") | one PUT per device: $(or_na "$thr_base" "/min") = $(or_na "$thr_base_pct" " %") | ≥ 95 % | $m_thr |"
     echo "| same run: lost / duplicated; 429s (daemon / emulator) | $(or_na "$thr_lost") / $(or_na "$thr_dup"); $(or_na "$thr_429d") / $(or_na "$thr_429e") | 429s: $(or_na "$thr_429b") | zero lost, 429s handled by pacing | $([ "$thr_zero_lost" = true ] && echo pass || { [ -z "$thr_zero_lost" ] && echo n/a || echo "**MISS**"; }) |"
     echo "| 429 storm: DPS admits ${st_quota:-500} ops/min, station configured for 1,000: steady enrollments/min as a share of the real ceiling; 429s (daemon / emulator); lost / duplicated | $(or_na "$st_pct" " %"); $(or_na "$st_429d") / $(or_na "$st_429e"); $(or_na "$st_lost") / $(or_na "$st_dup") | — | 429s handled by pacing rather than by failure: zero lost | $m_storm |"
@@ -250,7 +275,11 @@ dirty=$(git status --porcelain 2>/dev/null | head -1)
     [ "$m_restart" = "**MISS**" ] && misses="$misses restart"
     [ "$m_rss" = "**MISS**" ] && misses="$misses rss"
     close=""
-    near "$pipe_rate" ">=" 2000 && close="$close pipeline"
+    # The pipeline also counts as close when its slowest run missed.
+    pipe_min=$(num "$pipe_runs")
+    if near "$pipe_rate" ">=" 2000 || { [ "$m_pipe" = pass ] && [ "$(mark "$pipe_min" ">=" 2000)" != pass ]; }; then
+        close="$close pipeline"
+    fi
     near "$thr_pct" ">=" 95 && close="$close throttled"
     near "$tpm_read" "<=" 15 && close="$close tpm"
     near "$dice_rate" ">=" 3000 && close="$close dice"
@@ -268,7 +297,7 @@ dirty=$(git status --porcelain 2>/dev/null | head -1)
         echo
     fi
     if [ -n "$misses$close" ]; then
-        echo "### What limits the figures that missed${close:+ or met their target by less than 15 %}"
+        echo "### What limits the figures that missed${close:+ or met their target narrowly (by < 15 %, or not in every run)}"
         echo
         for m in $misses $close; do limit_note "$m"; done
         echo

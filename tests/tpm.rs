@@ -614,3 +614,210 @@ fn a_non_tcg_ek_already_persisted_is_read_as_is_and_flagged_against_the_cert() {
         info.warnings
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// swtpm on unix sockets (`swtpm:path=SOCKET`, control channel `SOCKET.ctrl`)
+// ---------------------------------------------------------------------------------------
+
+/// Thread ids of this test process with the given (kernel-truncated, 15-byte) name.
+fn threads_named(name: &str) -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            (comm.trim_end() == name).then(|| t.file_name().to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+fn thread_alive(tid: &str) -> bool {
+    std::path::Path::new("/proc/self/task").join(tid).exists()
+}
+
+#[test]
+fn unix_socket_tcti_reads_the_ek_tpm2_tools_reads_and_holds_nothing_after() {
+    let mut board = h::board_unix(SwtpmVariant::EkPersistedWithCert);
+    let tcti = board.tcti();
+    let socket = board.socket().unwrap().to_path_buf();
+    assert_eq!(tcti, format!("swtpm:path={}", socket.display()));
+    let info = tpm::read_ek(&req(&tcti, EkPolicy::ReadOnly)).unwrap();
+
+    // tpm2-tools opens the same string with tpm2-tss's own swtpm TCTI (no relay).
+    let theirs = h::tpm2_readpublic_ek(&tcti, board.dir.path());
+    assert_eq!(info.tpm2b_public, theirs);
+    assert_eq!(
+        info.ek_hash,
+        python_registration_id(&board.dir.path().join("readpublic-ek.pub"))
+    );
+    let cert = info.ek_cert.as_ref().expect("EK cert read from NV");
+    let sha = Command::new("sha256sum")
+        .arg(board.ek_cert_file().unwrap())
+        .output()
+        .unwrap();
+    let sha = String::from_utf8(sha.stdout).unwrap();
+    assert_eq!(cert.sha256_hex, sha.split_whitespace().next().unwrap());
+    assert_eq!(info.manufacturer, "IBM");
+    // swtpm serves one client at a time: tpm2-tools got in, so nothing is held; and
+    // nothing is left loaded.
+    assert!(h::transient_handles(&tcti).is_empty());
+
+    // A second read of the same board gives the same key.
+    let again = tpm::read_ek(&req(&tcti, EkPolicy::ReadOnly)).unwrap();
+    assert_eq!(again.tpm2b_public, info.tpm2b_public);
+
+    // The board is pulled (swtpm killed; its socket files stay, nobody listens).
+    board.kill();
+    let err = tpm::read_ek(&req(&tcti, EkPolicy::ReadOnly)).unwrap_err();
+    match &err {
+        TpmError::Unreachable { step, detail } => {
+            assert_eq!(step, &format!("opening TCTI {tcti}"));
+            assert!(
+                detail.contains(&format!("swtpm data socket {}", socket.display())),
+                "{err}"
+            );
+            assert!(detail.contains("refused"), "{err}");
+        }
+        other => panic!("expected Unreachable, got {other}"),
+    }
+}
+
+#[test]
+fn a_missing_unix_socket_is_unreachable_naming_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("no-board.sock");
+    let tcti = format!("swtpm:path={}", socket.display());
+    let started = Instant::now();
+    let err = tpm::read_ek(&req(&tcti, EkPolicy::ReadOnly)).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        err,
+        TpmError::Unreachable {
+            step: format!("opening TCTI {tcti}"),
+            detail: format!(
+                "cannot connect to the swtpm data socket {}: No such file or directory (os error 2)",
+                socket.display()
+            ),
+        }
+    );
+    assert_eq!(err.reason(), "tpm-error");
+    // A data socket without its control socket is named too.
+    let _data = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let err = tpm::read_ek(&req(&tcti, EkPolicy::ReadOnly)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("swtpm control socket {}.ctrl", socket.display())),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_unix_socket_times_out_and_the_stuck_read_is_released() {
+    // A "swtpm" that accepts on both sockets and never answers.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("hung.sock");
+    let ctrl = dir.path().join("hung.sock.ctrl");
+    for path in [&socket, &ctrl] {
+        let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in l.incoming() {
+                held.push(s); // keep the connection open, say nothing
+            }
+        });
+    }
+    let tcti = format!("swtpm:path={}", socket.display());
+    // "tpm-" + slot is the worker thread's name.
+    let worker = TpmWorker::spawn("hung-unix");
+    // A thread names itself once it runs: wait for that.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while threads_named("tpm-hung-unix").len() != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = threads_named("tpm-hung-unix");
+    assert_eq!(first.len(), 1);
+    let stuck = &first[0];
+    let mut r = req(&tcti, EkPolicy::ReadOnly);
+    r.timeout = Duration::from_millis(800);
+    let started = Instant::now();
+    let err = worker.read_ek(r).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    match &err {
+        TpmError::Timeout { step, timeout } => {
+            assert_eq!(*timeout, Duration::from_millis(800));
+            assert_eq!(step, &format!("opening TCTI {tcti}"));
+        }
+        other => panic!("expected Timeout, got {other}"),
+    }
+
+    // The relay closed the connections the TSS was blocked on, so the abandoned worker
+    // thread (and the relay thread it joins) ends instead of hanging for ever; only the
+    // replacement worker thread is left.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while thread_alive(stuck) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!thread_alive(stuck), "the stuck read was released");
+
+    // The slot's worker takes the next board, on unix sockets too.
+    let board = h::board_unix(SwtpmVariant::NoEkCert);
+    let info = worker
+        .read_ek(req(&board.tcti(), EkPolicy::ReadOnly))
+        .await
+        .unwrap();
+    assert_eq!(
+        info.tpm2b_public,
+        h::tpm2_readpublic_ek(&board.tcti(), board.dir.path())
+    );
+    assert!(info
+        .warnings
+        .contains(&"no EK certificate at NV 0x01c00002".to_string()));
+}
+
+#[test]
+fn ek_command_reads_a_unix_socket_swtpm() {
+    let board = h::board_unix(SwtpmVariant::NoPersistedEk);
+    let exe = env!("CARGO_BIN_EXE_dps-station");
+    let out = Command::new(exe)
+        .args(["ek", "--tcti", &board.tcti(), "--persist", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["created"], true);
+    assert_eq!(v["persisted"], true);
+    let theirs = h::tpm2_readpublic_ek(&board.tcti(), board.dir.path());
+    assert_eq!(v["endorsementKey"], b64(&theirs));
+    assert_eq!(
+        v["registrationId"],
+        python_registration_id(&board.dir.path().join("readpublic-ek.pub"))
+    );
+
+    // No board on that fixture: exit 1 naming the socket.
+    let missing = board.dir.path().join("other.sock");
+    let out = Command::new(exe)
+        .args(["ek", "--tcti", &format!("swtpm:path={}", missing.display())])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("TPM unreachable"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("swtpm data socket {}", missing.display())),
+        "{stderr}"
+    );
+    // Mixing unix and TCP options is a usage error.
+    let out = Command::new(exe)
+        .args(["ek", "--tcti", "swtpm:path=/tmp/x.sock,port=2321"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

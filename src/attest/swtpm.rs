@@ -1,7 +1,9 @@
 //! swtpm "boards" for tests, benchmarks and the demo: each [`SwtpmBoard`] is one software
 //! TPM with fresh state in a directory the caller owns, set up by `swtpm_setup` with a
 //! PRIVATE config (its own swtpm-localca CA in that directory) and served by `swtpm socket`
-//! on a loopback port pair (P, P+1: the tpm2-tss swtpm TCTI always uses P+1 for control).
+//! on a loopback port pair (P, P+1: the tpm2-tss swtpm TCTI always uses P+1 for control),
+//! or on unix sockets in that directory (`swtpm.sock` and `swtpm.sock.ctrl`: the tpm2-tss
+//! swtpm TCTI's `path=` convention) for [`SwtpmBoard::start_unix`].
 //!
 //! It must never touch system paths (`/etc/swtpm_setup.conf`, `/var/lib/swtpm-localca`),
 //! never bind anything but 127.0.0.1, and never leave a swtpm process behind: dropping a
@@ -54,6 +56,8 @@ pub struct SwtpmBoard {
     variant: SwtpmVariant,
     dir: PathBuf,
     port: u16,
+    /// Serving on this unix socket (and `<socket>.ctrl`) instead of TCP.
+    socket: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -72,6 +76,7 @@ impl SwtpmBoard {
                 variant,
                 dir: dir.to_path_buf(),
                 port,
+                socket: None,
                 child: None,
             };
             match board.launch() {
@@ -93,6 +98,7 @@ impl SwtpmBoard {
             variant,
             dir: dir.to_path_buf(),
             port,
+            socket: None,
             child: None,
         };
         let deadline = Instant::now() + START_TIMEOUT;
@@ -106,14 +112,38 @@ impl SwtpmBoard {
         }
     }
 
-    /// TCTI string for tss-esapi and tpm2-tools.
-    pub fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    /// Manufacture a board in `dir` and serve it on the unix sockets `dir/swtpm.sock` (data)
+    /// and `dir/swtpm.sock.ctrl` (control); its TCTI is `swtpm:path=dir/swtpm.sock`.
+    pub fn start_unix(variant: SwtpmVariant, dir: &Path) -> Result<Self, SwtpmError> {
+        Self::manufacture(variant, dir)?;
+        let mut board = SwtpmBoard {
+            variant,
+            dir: dir.to_path_buf(),
+            port: 0,
+            socket: Some(dir.join("swtpm.sock")),
+            child: None,
+        };
+        board.launch()?;
+        Ok(board)
     }
 
-    /// The data port (control is `port() + 1`).
+    /// TCTI string for tss-esapi and tpm2-tools: `swtpm:host=127.0.0.1,port=P`, or
+    /// `swtpm:path=SOCKET` for a board on unix sockets.
+    pub fn tcti(&self) -> String {
+        match &self.socket {
+            Some(socket) => format!("swtpm:path={}", socket.display()),
+            None => format!("swtpm:host=127.0.0.1,port={}", self.port),
+        }
+    }
+
+    /// The data port (control is `port() + 1`); 0 for a board on unix sockets.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The data socket of a board on unix sockets (control: the same path plus `.ctrl`).
+    pub fn socket(&self) -> Option<&Path> {
+        self.socket.as_deref()
     }
 
     pub fn variant(&self) -> SwtpmVariant {
@@ -240,13 +270,33 @@ impl SwtpmBoard {
         Ok(())
     }
 
-    /// Start `swtpm socket` on `self.port` and wait until it serves.
+    /// Start `swtpm socket` on `self.port` (or `self.socket`) and wait until it serves.
     fn launch(&mut self) -> Result<(), SwtpmError> {
         let port = self.port;
-        let ctrl = port.checked_add(1).ok_or(SwtpmError::Start {
-            port,
-            detail: "no room for the control port".into(),
-        })?;
+        let (server, ctrl_arg, ctrl_probe) = match &self.socket {
+            Some(socket) => {
+                let ctrl = PathBuf::from(format!("{}.ctrl", socket.display()));
+                // A socket file left by a killed swtpm would make the bind fail.
+                let _ = std::fs::remove_file(socket);
+                let _ = std::fs::remove_file(&ctrl);
+                (
+                    format!("type=unixio,path={}", socket.display()),
+                    format!("type=unixio,path={}", ctrl.display()),
+                    Probe::Unix(ctrl),
+                )
+            }
+            None => {
+                let ctrl = port.checked_add(1).ok_or(SwtpmError::Start {
+                    port,
+                    detail: "no room for the control port".into(),
+                })?;
+                (
+                    format!("type=tcp,port={port},bindaddr=127.0.0.1"),
+                    format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"),
+                    Probe::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, ctrl))),
+                )
+            }
+        };
         let pid_file = self.dir.join("swtpm.pid");
         let _ = std::fs::remove_file(&pid_file);
         let mut child = Command::new("swtpm")
@@ -255,9 +305,9 @@ impl SwtpmBoard {
             .arg("--tpmstate")
             .arg(format!("dir={}", self.state_dir().display()))
             .arg("--server")
-            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+            .arg(server)
             .arg("--ctrl")
-            .arg(format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"))
+            .arg(ctrl_arg)
             .arg("--flags")
             .arg("not-need-init,startup-clear")
             .arg("--pid")
@@ -273,7 +323,6 @@ impl SwtpmBoard {
             .spawn()
             .map_err(io("starting swtpm (is swtpm installed?)"))?;
         let deadline = Instant::now() + START_TIMEOUT;
-        let ctrl_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, ctrl));
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(SwtpmError::Start {
@@ -285,8 +334,7 @@ impl SwtpmBoard {
                 .ok()
                 .and_then(|s| s.trim().parse::<u32>().ok())
                 == Some(child.id());
-            if pid_ok && TcpStream::connect_timeout(&ctrl_addr, Duration::from_millis(200)).is_ok()
-            {
+            if pid_ok && ctrl_probe.connects() {
                 // A swtpm that lost the port race exits right away; make sure ours did not.
                 std::thread::sleep(Duration::from_millis(10));
                 if let Ok(None) = child.try_wait() {
@@ -311,6 +359,23 @@ impl SwtpmBoard {
 impl Drop for SwtpmBoard {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// How [`SwtpmBoard::launch`] sees that swtpm serves: its control channel accepts.
+enum Probe {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl Probe {
+    fn connects(&self) -> bool {
+        match self {
+            Probe::Tcp(addr) => {
+                TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_ok()
+            }
+            Probe::Unix(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+        }
     }
 }
 

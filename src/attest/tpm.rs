@@ -11,9 +11,17 @@
 //! TPM work, async callers wait at most `timeout` for it, and a job stuck inside the TSS
 //! (which cannot be cancelled) is abandoned to a replacement thread.
 //!
+//! `swtpm:path=SOCKET` (swtpm on unix sockets; control channel at `SOCKET.ctrl`, the
+//! tpm2-tss convention) is not expressible in tss-esapi 7.7's `TctiNameConf`, so for such a
+//! board a `UnixRelay` owned by that board's read forwards a loopback TCP port pair to the
+//! two unix sockets, and the context is opened on `swtpm:host=127.0.0.1,port=P`. The relay
+//! lives exactly as long as the board's read; when the waiting side gives up it closes every
+//! relayed connection, so the abandoned TSS call returns instead of hanging.
+//!
 //! This module must never hold a TPM connection between boards, never call TPM2_Startup,
-//! never use the Azure SDK's non-TCG EK template, and never put the endorsement
-//! hierarchy auth into an error message or a log line.
+//! never use the Azure SDK's non-TCG EK template, never put the endorsement hierarchy auth
+//! into an error message or a log line, and never let a relay outlive its board or listen
+//! on anything but 127.0.0.1.
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -363,12 +371,21 @@ pub enum TctiKind {
     Tabrmd,
 }
 
+/// Where a [`TctiSpec`] connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TctiTarget {
+    /// Opened directly by the tss-esapi TCTI loader.
+    Loader(TctiNameConf),
+    /// swtpm on unix sockets: reached through a [`UnixRelay`].
+    SwtpmUnix { data: PathBuf, ctrl: PathBuf },
+}
+
 /// A validated TCTI string.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TctiSpec {
     text: String,
     kind: TctiKind,
-    conf: TctiNameConf,
+    target: TctiTarget,
 }
 
 impl TctiSpec {
@@ -378,9 +395,20 @@ impl TctiSpec {
     pub fn kind(&self) -> TctiKind {
         self.kind
     }
-    /// The tss-esapi form, for `Context::new`.
-    pub fn name_conf(&self) -> TctiNameConf {
-        self.conf.clone()
+    /// The tss-esapi form, for `Context::new`; `None` for `swtpm:path=…`, which tss-esapi
+    /// cannot express (it is opened through a relay, see [`TctiSpec::unix_sockets`]).
+    pub fn name_conf(&self) -> Option<TctiNameConf> {
+        match &self.target {
+            TctiTarget::Loader(conf) => Some(conf.clone()),
+            TctiTarget::SwtpmUnix { .. } => None,
+        }
+    }
+    /// For `swtpm:path=SOCKET`: the data socket and the control socket (`SOCKET.ctrl`).
+    pub fn unix_sockets(&self) -> Option<(&Path, &Path)> {
+        match &self.target {
+            TctiTarget::SwtpmUnix { data, ctrl } => Some((data, ctrl)),
+            TctiTarget::Loader(_) => None,
+        }
     }
 }
 
@@ -390,9 +418,18 @@ impl fmt::Display for TctiSpec {
     }
 }
 
-/// Validate a TCTI string (`device:/dev/tpmrm0`, `swtpm:host=H,port=P`, `mssim:…`,
-/// `tabrmd:bus_name=…,bus_type=session|system`). tss-esapi ignores keys it does not know,
-/// which would silently turn a typo into `localhost:2321`; this refuses them.
+/// Longest unix socket path the kernel takes (`sizeof(sun_path)` on Linux, minus the NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// Validate a TCTI string (`device:/dev/tpmrm0`, `swtpm:host=H,port=P`, `swtpm:path=SOCKET`,
+/// `mssim:…`, `tabrmd:bus_name=…,bus_type=session|system`). tss-esapi ignores keys it does
+/// not know, which would silently turn a typo into `localhost:2321`; this refuses them.
+///
+/// `swtpm:path=SOCKET` means what it means to tpm2-tss 3.2.1's swtpm TCTI (and so to
+/// tpm2-tools `-T`): swtpm serves TPM commands on the unix socket `SOCKET` and its control
+/// channel on `SOCKET.ctrl` (`swtpm socket --server type=unixio,path=SOCKET --ctrl
+/// type=unixio,path=SOCKET.ctrl`). It cannot be combined with `host=`/`port=`, and
+/// `SOCKET.ctrl` must fit a unix socket address (107 bytes).
 pub fn parse_tcti(s: &str) -> Result<TctiSpec, TpmError> {
     let bad = |reason: String| TpmError::BadTcti {
         tcti: s.to_string(),
@@ -424,27 +461,59 @@ pub fn parse_tcti(s: &str) -> Result<TctiSpec, TpmError> {
             }
         }
         TctiKind::Swtpm | TctiKind::Mssim => {
+            let mut network = false;
+            let mut path = None;
             for kv in conf.split(',').filter(|kv| !kv.is_empty()) {
                 let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
                 match k {
-                    "host" if !v.is_empty() => {}
+                    "host" if !v.is_empty() => network = true,
                     "port" => match v.parse::<u16>() {
-                        Ok(p) if p > 0 && p < u16::MAX => {}
+                        Ok(p) if p > 0 && p < u16::MAX => network = true,
                         _ => return Err(bad(format!("port {v:?} is not a TCP port 1-65534"))),
                     },
-                    "path" => {
-                        return Err(bad(
-                            "unix-socket TPM simulators (path=…) are not supported by \
-                             tss-esapi 7.7; use host=127.0.0.1,port=P"
-                                .to_string(),
-                        ))
+                    "path" if kind == TctiKind::Mssim => {
+                        return Err(bad("mssim on unix sockets (path=…) is not supported; use \
+                             host=127.0.0.1,port=P"
+                            .to_string()))
                     }
+                    "path" if v.is_empty() => {
+                        return Err(bad("path= needs the swtpm data socket, e.g. \
+                             \"swtpm:path=/run/swtpm/board.sock\""
+                            .to_string()))
+                    }
+                    "path" if path.is_some() => {
+                        return Err(bad("path= is given twice".to_string()))
+                    }
+                    "path" => path = Some(v),
                     _ => {
                         return Err(bad(format!(
-                            "unknown or empty option {kv:?}; only host=… and port=… are allowed"
+                            "unknown or empty option {kv:?}; only host=… and port=… (or, for \
+                             swtpm, path=…) are allowed"
                         )))
                     }
                 }
+            }
+            if let Some(path) = path {
+                if network {
+                    return Err(bad(
+                        "path= (unix sockets) cannot be combined with host= or port=".to_string(),
+                    ));
+                }
+                let ctrl = format!("{path}.ctrl");
+                if ctrl.len() > SUN_PATH_MAX {
+                    return Err(bad(format!(
+                        "the control socket path {ctrl:?} is longer than the {SUN_PATH_MAX} \
+                         bytes a unix socket address holds"
+                    )));
+                }
+                return Ok(TctiSpec {
+                    text: s.to_string(),
+                    kind,
+                    target: TctiTarget::SwtpmUnix {
+                        data: PathBuf::from(path),
+                        ctrl: PathBuf::from(ctrl),
+                    },
+                });
             }
         }
         TctiKind::Tabrmd => {
@@ -470,7 +539,7 @@ pub fn parse_tcti(s: &str) -> Result<TctiSpec, TpmError> {
     Ok(TctiSpec {
         text: s.to_string(),
         kind,
-        conf,
+        target: TctiTarget::Loader(conf),
     })
 }
 
@@ -539,19 +608,204 @@ pub fn load_auth_file(path: &Path) -> Result<Secret<Vec<u8>>, TpmError> {
 // Reading one board
 // ---------------------------------------------------------------------------------------
 
-/// Where a running read is; the waiting side quotes it in a [`TpmError::Timeout`].
-#[derive(Debug, Clone, Default)]
-struct Progress(Arc<Mutex<String>>);
+/// Where a running read is (the waiting side quotes it in a [`TpmError::Timeout`]), and
+/// whether the waiting side has given up on it.
+#[derive(Debug, Clone)]
+struct Progress {
+    step: Arc<Mutex<String>>,
+    abandoned: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            step: Arc::default(),
+            abandoned: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+}
 
 impl Progress {
     fn set(&self, step: &str) {
-        if let Ok(mut s) = self.0.lock() {
+        if let Ok(mut s) = self.step.lock() {
             s.clear();
             s.push_str(step);
         }
     }
     fn get(&self) -> String {
-        self.0.lock().map(|s| s.clone()).unwrap_or_default()
+        self.step.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+    /// The caller stopped waiting: anything that can unblock the read should do so.
+    fn abandon(&self) {
+        self.abandoned.send_replace(true);
+    }
+    fn abandoned(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.abandoned.subscribe()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// swtpm on unix sockets: a per-board TCP relay
+// ---------------------------------------------------------------------------------------
+
+/// Forwards 127.0.0.1:P to swtpm's data socket and 127.0.0.1:P+1 to its control socket, for
+/// one board's read (tss-esapi 7.7 can only open swtpm over TCP). One thread runs a small
+/// current-thread tokio runtime that accepts and pipes every connection (the swtpm TCTI opens
+/// a new connection per command). Dropping the relay, or the waiting side abandoning the read,
+/// closes the listeners and every relayed connection and joins the thread.
+struct UnixRelay {
+    port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The first failure to reach a unix socket, for the error the TSS reports as I/O.
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+impl UnixRelay {
+    fn start(
+        data: &Path,
+        ctrl: &Path,
+        abandoned: tokio::sync::watch::Receiver<bool>,
+        step: &str,
+    ) -> Result<Self, TpmError> {
+        let unreachable = |detail: String| TpmError::Unreachable {
+            step: step.to_string(),
+            detail,
+        };
+        // Fail with the socket's own error rather than the TSS's generic I/O error.
+        for (what, path) in [("data", data), ("control", ctrl)] {
+            std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+                unreachable(format!(
+                    "cannot connect to the swtpm {what} socket {}: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+        let relay_failed = |e: std::io::Error| unreachable(format!("starting the relay: {e}"));
+        let (data_l, ctrl_l) = bind_port_pair().map_err(relay_failed)?;
+        let port = data_l.local_addr().map_err(relay_failed)?.port();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(relay_failed)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let failure = Arc::new(Mutex::new(None));
+        let routes = [
+            (data_l, Arc::new(data.to_path_buf())),
+            (ctrl_l, Arc::new(ctrl.to_path_buf())),
+        ];
+        let f = failure.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("tpm-relay-{port}"))
+            .spawn(move || runtime.block_on(relay_main(routes, stopped, abandoned, f)))
+            .map_err(relay_failed)?;
+        Ok(UnixRelay {
+            port,
+            stop: Some(stop),
+            thread: Some(thread),
+            failure,
+        })
+    }
+
+    /// The TCTI the context is opened on.
+    fn name_conf(&self, step: &str) -> Result<TctiNameConf, TpmError> {
+        TctiNameConf::from_str(&format!("swtpm:host=127.0.0.1,port={}", self.port))
+            .map_err(|e| classify(step, e))
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+impl Drop for UnixRelay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Two listeners on 127.0.0.1:P and 127.0.0.1:P+1 (held, so nobody can take them).
+fn bind_port_pair() -> std::io::Result<(std::net::TcpListener, std::net::TcpListener)> {
+    use std::net::{Ipv4Addr, TcpListener};
+    for _ in 0..64 {
+        let first = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let p = first.local_addr()?.port();
+        if p == u16::MAX {
+            continue;
+        }
+        if let Ok(second) = TcpListener::bind((Ipv4Addr::LOCALHOST, p + 1)) {
+            first.set_nonblocking(true)?;
+            second.set_nonblocking(true)?;
+            return Ok((first, second));
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free loopback port pair",
+    ))
+}
+
+type Route = (std::net::TcpListener, Arc<PathBuf>);
+
+async fn relay_main(
+    routes: [Route; 2],
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+    mut abandoned: tokio::sync::watch::Receiver<bool>,
+    failure: Arc<Mutex<Option<String>>>,
+) {
+    let [(data_l, data_p), (ctrl_l, ctrl_p)] = routes;
+    let (Ok(data_l), Ok(ctrl_l)) = (
+        tokio::net::TcpListener::from_std(data_l),
+        tokio::net::TcpListener::from_std(ctrl_l),
+    ) else {
+        note_failure(
+            &failure,
+            "the relay could not register its listeners".to_string(),
+        );
+        return;
+    };
+    let mut pipes = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stopped => break,
+            Ok(_) = abandoned.wait_for(|gave_up| *gave_up) => break,
+            Some(_) = pipes.join_next(), if !pipes.is_empty() => continue,
+            a = data_l.accept() => a.map(|(tcp, _)| (tcp, data_p.clone())),
+            a = ctrl_l.accept() => a.map(|(tcp, _)| (tcp, ctrl_p.clone())),
+        };
+        if let Ok((tcp, path)) = accepted {
+            pipes.spawn(pipe(tcp, path, failure.clone()));
+        }
+    }
+    // Closing the TCP side makes a TSS call blocked on this board return (I/O error).
+    pipes.shutdown().await;
+}
+
+async fn pipe(
+    mut tcp: tokio::net::TcpStream,
+    path: Arc<PathBuf>,
+    failure: Arc<Mutex<Option<String>>>,
+) {
+    let _ = tcp.set_nodelay(true);
+    match tokio::net::UnixStream::connect(path.as_path()).await {
+        Ok(mut unix) => {
+            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
+        }
+        Err(e) => note_failure(
+            &failure,
+            format!("cannot connect to the swtpm socket {}: {e}", path.display()),
+        ),
+    }
+}
+
+fn note_failure(failure: &Mutex<Option<String>>, why: String) {
+    if let Ok(mut f) = failure.lock() {
+        f.get_or_insert(why);
     }
 }
 
@@ -574,7 +828,22 @@ fn read_ek_with_progress(req: &EkRequest, progress: &Progress) -> Result<EkInfo,
     let spec = parse_tcti(&req.tcti)?;
     let step = format!("opening TCTI {}", spec.as_str());
     progress.set(&step);
-    let mut ctx = Context::new(spec.name_conf()).map_err(|e| match classify(&step, e) {
+    // Declared before the context, so it is dropped after it on every path.
+    let relay = match spec.unix_sockets() {
+        Some((data, ctrl)) => Some(UnixRelay::start(data, ctrl, progress.abandoned(), &step)?),
+        None => None,
+    };
+    let conf = match (&relay, spec.name_conf()) {
+        (Some(relay), _) => relay.name_conf(&step)?,
+        (None, Some(conf)) => conf,
+        (None, None) => {
+            return Err(TpmError::BadTcti {
+                tcti: spec.to_string(),
+                reason: "no way to open it".to_string(),
+            })
+        }
+    };
+    let opened = Context::new(conf).map_err(|e| match classify(&step, e) {
         TpmError::Tpm {
             step, code, name, ..
         } => TpmError::Unreachable {
@@ -582,11 +851,23 @@ fn read_ek_with_progress(req: &EkRequest, progress: &Progress) -> Result<EkInfo,
             detail: format!("{name}, {code:#x}"),
         },
         other => other,
-    })?;
-    let result = read_with_context(&mut ctx, req, progress);
-    progress.set("closing the TPM context");
-    drop(ctx);
-    result
+    });
+    let result = opened.and_then(|mut ctx| {
+        let result = read_with_context(&mut ctx, req, progress);
+        progress.set("closing the TPM context");
+        drop(ctx);
+        result
+    });
+    // Name the unix socket that failed rather than only the TSS's I/O error.
+    let failure = relay.as_ref().and_then(UnixRelay::failure);
+    drop(relay);
+    match (result, failure) {
+        (Err(TpmError::Unreachable { step, detail }), Some(why)) => Err(TpmError::Unreachable {
+            step,
+            detail: format!("{detail}; {why}"),
+        }),
+        (result, _) => result,
+    }
 }
 
 fn read_with_context(
@@ -937,6 +1218,8 @@ impl TpmWorker {
                 })
             }
             Err(_) => {
+                // Lets a relay close its connections, so the stuck TSS call can return.
+                progress.abandon();
                 self.replace(generation);
                 Err(TpmError::Timeout {
                     step: progress.get(),
@@ -1086,6 +1369,25 @@ mod tests {
                 .kind(),
             TctiKind::Tabrmd
         );
+        let unix = parse_tcti("swtpm:path=/run/swtpm/board.sock").unwrap();
+        assert_eq!(unix.kind(), TctiKind::Swtpm);
+        assert!(unix.name_conf().is_none());
+        assert_eq!(
+            unix.unix_sockets(),
+            Some((
+                Path::new("/run/swtpm/board.sock"),
+                Path::new("/run/swtpm/board.sock.ctrl")
+            ))
+        );
+        assert!(parse_tcti("swtpm:host=127.0.0.1,port=2321")
+            .unwrap()
+            .unix_sockets()
+            .is_none());
+        // sun_path holds 107 bytes; the control socket's name is 5 bytes longer.
+        let long = format!("/{}", "s".repeat(101));
+        assert!(parse_tcti(&format!("swtpm:path={long}")).is_ok());
+        let err = parse_tcti(&format!("swtpm:path={long}x")).unwrap_err();
+        assert!(err.to_string().contains("107 bytes"), "{err}");
         for bad in [
             "",
             "tpm:/dev/tpm0",
@@ -1094,7 +1396,12 @@ mod tests {
             "swtpm:host=127.0.0.1,prot=2321",
             "swtpm:port=0",
             "swtpm:port=99999",
-            "swtpm:path=/tmp/swtpm.sock",
+            "swtpm:path=",
+            "swtpm:path=/tmp/a.sock,port=2321",
+            "swtpm:host=127.0.0.1,path=/tmp/a.sock",
+            "swtpm:path=/tmp/a.sock,path=/tmp/b.sock",
+            "swtpm:path=/tmp/a.sock,ctrl=/tmp/b.sock",
+            "mssim:path=/tmp/a.sock",
             "swtpm:host=-bad-",
             "tabrmd:bus_type=user",
         ] {

@@ -794,9 +794,10 @@ async fn enrollment_attestation(
             tcti.clone(),
             crate::attest::tpm::EkPolicy::ReadOrCreate,
         );
-        let info = tokio::task::spawn_blocking(move || crate::attest::tpm::read_ek(&req))
+        // Through a worker, so a TPM that stops answering times out instead of hanging.
+        let info = crate::attest::tpm::TpmWorker::spawn("cli")
+            .read_ek(req)
             .await
-            .map_err(|e| CliError::failed(format!("--tpm-tcti: the TPM reader stopped: {e}")))?
             .map_err(|e| CliError::failed(format!("--tpm-tcti {tcti}: {e}")))?;
         let id = id
             .map(str::to_string)

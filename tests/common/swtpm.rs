@@ -33,6 +33,14 @@ pub fn board(variant: SwtpmVariant) -> TestBoard {
     TestBoard { board, dir }
 }
 
+/// A fresh swtpm board of `variant` on unix sockets in its temp dir (TCTI
+/// `swtpm:path=DIR/swtpm.sock`, control channel `DIR/swtpm.sock.ctrl`).
+pub fn board_unix(variant: SwtpmVariant) -> TestBoard {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let board = SwtpmBoard::start_unix(variant, dir.path()).expect("swtpm board on unix sockets");
+    TestBoard { board, dir }
+}
+
 /// A fresh board of `variant` on a given data port (a board swapped into the same fixture).
 pub fn board_on_port(variant: SwtpmVariant, port: u16) -> TestBoard {
     let dir = tempfile::tempdir().expect("temp dir");
