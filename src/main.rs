@@ -40,8 +40,11 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<Result<Exit, cli::CliError>> {
+    // A bounded blocking pool: a burst of scans on a DICE slot must not grow hundreds of
+    // threads (each with its own allocator arena) on a two-core station.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(32)
         .build()?;
     let outcome = rt.block_on(cli::run(cli));
     // Do not wait at exit for a blocking task stuck in a device call (a TPM that stopped

@@ -287,6 +287,9 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<BoardRow> {
     })
 }
 
+/// Statement cache size: above the number of distinct SQL texts in this module.
+const STATEMENT_CACHE_CAPACITY: usize = 48;
+
 /// One open connection to the state database. Use it from one thread.
 pub struct Store {
     conn: Connection,
@@ -330,6 +333,10 @@ impl Store {
         self.conn
             .busy_timeout(std::time::Duration::from_secs(5))
             .map_err(&e)?;
+        // Every statement this module runs is cached (about two dozen distinct texts);
+        // rusqlite's default of 16 would evict some on every board.
+        self.conn
+            .set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
         self.conn
             .pragma_update(None, "journal_mode", "WAL")
             .map_err(&e)?;
@@ -420,14 +427,7 @@ impl Store {
     }
 
     pub fn get(&self, id: i64) -> Result<Option<BoardRow>, StoreError> {
-        self.conn
-            .query_row(
-                &format!("SELECT {ROW_COLUMNS} FROM boards WHERE id = ?1"),
-                [id],
-                row_from,
-            )
-            .optional()
-            .map_err(self.err())
+        row_by_id(&self.conn, id).optional().map_err(self.err())
     }
 
     /// Apply one transition (with its audit event) outside a batch.
@@ -455,14 +455,14 @@ impl Store {
         };
         let now = now_rfc3339();
         let tx = self.conn.transaction().map_err(mk)?;
-        let current: Option<(String, Option<String>, Option<i64>)> = tx
-            .query_row(
-                "SELECT state, scan_conflict, dps_error_code FROM boards WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(mk)?;
+        let current: Option<(String, Option<String>, Option<i64>)> = cached_row(
+            &tx,
+            "SELECT state, scan_conflict, dps_error_code FROM boards WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(mk)?;
         let Some((state, scan_conflict, code)) = current else {
             return Err(StoreError::NoSuchBoard(id));
         };
@@ -492,20 +492,15 @@ impl Store {
             Some(c) => format!("requeued by operator (was {state} {c})"),
             None => format!("requeued by operator (was {state})"),
         };
-        tx.execute(
+        cached_exec(
+            &tx,
             "UPDATE boards SET state = 'queued', dps_error_code = NULL, detail = NULL, \
              enrolled_at = NULL, batch_id = NULL, updated_at = ?1 WHERE id = ?2",
             params![now, id],
         )
         .map_err(mk)?;
         event(&tx, Some(id), &now, "requeued", Some(&was)).map_err(mk)?;
-        let row = tx
-            .query_row(
-                &format!("SELECT {ROW_COLUMNS} FROM boards WHERE id = ?1"),
-                [id],
-                row_from,
-            )
-            .map_err(mk)?;
+        let row = row_by_id(&tx, id).map_err(mk)?;
         tx.commit().map_err(mk)?;
         Ok(row)
     }
@@ -531,7 +526,7 @@ impl Store {
     pub fn queued_from(&self, source: Source) -> Result<Vec<(String, String)>, StoreError> {
         let mut st = self
             .conn
-            .prepare(
+            .prepare_cached(
                 "SELECT registration_id, serial FROM boards WHERE state = 'queued' AND source = ?1",
             )
             .map_err(self.err())?;
@@ -553,18 +548,17 @@ impl Store {
         };
         let now = now_rfc3339();
         let tx = self.conn.transaction().map_err(mk)?;
-        tx.execute("INSERT INTO batches(started_at) VALUES (?1)", [&now])
-            .map_err(mk)?;
+        cached_exec(&tx, "INSERT INTO batches(started_at) VALUES (?1)", [&now]).map_err(mk)?;
         let batch = tx.last_insert_rowid();
         let mut rows = Vec::with_capacity(ids.len());
         for id in ids {
-            let n = tx
-                .execute(
-                    "UPDATE boards SET batch_id = ?1, updated_at = ?2 \
-                     WHERE id = ?3 AND state = 'queued' AND batch_id IS NULL",
-                    params![batch, now, id],
-                )
-                .map_err(mk)?;
+            let n = cached_exec(
+                &tx,
+                "UPDATE boards SET batch_id = ?1, updated_at = ?2 \
+                 WHERE id = ?3 AND state = 'queued' AND batch_id IS NULL",
+                params![batch, now, id],
+            )
+            .map_err(mk)?;
             if n == 1 {
                 event(
                     &tx,
@@ -574,15 +568,7 @@ impl Store {
                     Some(&format!("batch {batch}")),
                 )
                 .map_err(mk)?;
-                if let Some(r) = tx
-                    .query_row(
-                        &format!("SELECT {ROW_COLUMNS} FROM boards WHERE id = ?1"),
-                        [id],
-                        row_from,
-                    )
-                    .optional()
-                    .map_err(mk)?
-                {
+                if let Some(r) = row_by_id(&tx, *id).optional().map_err(mk)? {
                     rows.push(r);
                 }
             }
@@ -612,7 +598,7 @@ impl Store {
         }
         let released: Vec<i64> = {
             let mut st = tx
-                .prepare("SELECT id FROM boards WHERE batch_id = ?1 AND state = 'queued'")
+                .prepare_cached("SELECT id FROM boards WHERE batch_id = ?1 AND state = 'queued'")
                 .map_err(mk)?;
             let ids = st
                 .query_map([batch], |r| r.get(0))
@@ -622,7 +608,8 @@ impl Store {
             ids
         };
         for id in &released {
-            tx.execute(
+            cached_exec(
+                &tx,
                 "UPDATE boards SET batch_id = NULL, updated_at = ?1 WHERE id = ?2",
                 params![now, id],
             )
@@ -636,7 +623,8 @@ impl Store {
             )
             .map_err(mk)?;
         }
-        tx.execute(
+        cached_exec(
+            &tx,
             "UPDATE batches SET finished_at = ?1, outcome = ?2 WHERE id = ?3",
             params![now, outcome, batch],
         )
@@ -649,7 +637,7 @@ impl Store {
     pub fn open_batches(&self) -> Result<Vec<OpenBatch>, StoreError> {
         let mut st = self
             .conn
-            .prepare("SELECT id FROM batches WHERE finished_at IS NULL ORDER BY id")
+            .prepare_cached("SELECT id FROM batches WHERE finished_at IS NULL ORDER BY id")
             .map_err(self.err())?;
         let ids = st
             .query_map([], |r| r.get::<_, i64>(0))
@@ -696,27 +684,27 @@ impl Store {
 
     /// (unsent queued rows, queued rows inside a batch).
     pub fn queue_depth(&self) -> Result<(u64, u64), StoreError> {
-        self.conn
-            .query_row(
-                "SELECT count(*) FILTER (WHERE batch_id IS NULL), \
-                        count(*) FILTER (WHERE batch_id IS NOT NULL) \
-                 FROM boards WHERE state = 'queued'",
-                [],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?.max(0) as u64,
-                        r.get::<_, i64>(1)?.max(0) as u64,
-                    ))
-                },
-            )
-            .map_err(self.err())
+        cached_row(
+            &self.conn,
+            "SELECT count(*) FILTER (WHERE batch_id IS NULL), \
+                    count(*) FILTER (WHERE batch_id IS NOT NULL) \
+             FROM boards WHERE state = 'queued'",
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?.max(0) as u64,
+                    r.get::<_, i64>(1)?.max(0) as u64,
+                ))
+            },
+        )
+        .map_err(self.err())
     }
 
     /// Audit events of one board, oldest first: (kind, detail).
     pub fn events(&self, board: i64) -> Result<Vec<(String, Option<String>)>, StoreError> {
         let mut st = self
             .conn
-            .prepare("SELECT kind, detail FROM events WHERE board_id = ?1 ORDER BY id")
+            .prepare_cached("SELECT kind, detail FROM events WHERE board_id = ?1 ORDER BY id")
             .map_err(self.err())?;
         let rows = st
             .query_map([board], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -737,7 +725,8 @@ fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
 }
 
 fn by_serial(conn: &Connection, serial: &str) -> rusqlite::Result<Option<BoardRow>> {
-    conn.query_row(
+    cached_row(
+        conn,
         &format!(
             "SELECT {ROW_COLUMNS} FROM boards WHERE serial = ?1 \
              AND scan_conflict IS NULL ORDER BY id DESC LIMIT 1"
@@ -748,6 +737,35 @@ fn by_serial(conn: &Connection, serial: &str) -> rusqlite::Result<Option<BoardRo
     .optional()
 }
 
+/// `query_row` through the connection's statement cache: the SQL is parsed once per
+/// connection, then only rebound. Same statement, same transaction as `query_row`.
+fn cached_row<T, P, F>(conn: &Connection, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+where
+    P: rusqlite::Params,
+    F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+{
+    conn.prepare_cached(sql)?.query_row(params, f)
+}
+
+/// `execute` through the connection's statement cache (see [`cached_row`]).
+fn cached_exec<P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
+/// The full row with this id.
+fn row_by_id(conn: &Connection, id: i64) -> rusqlite::Result<BoardRow> {
+    cached_row(
+        conn,
+        &format!("SELECT {ROW_COLUMNS} FROM boards WHERE id = ?1"),
+        [id],
+        row_from,
+    )
+}
+
 fn event(
     tx: &Connection,
     board: Option<i64>,
@@ -755,7 +773,8 @@ fn event(
     kind: &str,
     detail: Option<&str>,
 ) -> rusqlite::Result<()> {
-    tx.execute(
+    cached_exec(
+        tx,
         "INSERT INTO events(board_id, at, kind, detail) VALUES (?1, ?2, ?3, ?4)",
         params![board, at, kind, detail],
     )?;
@@ -769,7 +788,8 @@ fn insert_row(
     detail: Option<&str>,
     now: &str,
 ) -> rusqlite::Result<BoardRow> {
-    tx.execute(
+    cached_exec(
+        tx,
         "INSERT INTO boards(serial, slot, registration_id, attestation, ek_hash, cert_sha256, \
          ek_cert_issuer, enrollment_json, state, detail, scanned_at, updated_at, source) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12)",
@@ -790,11 +810,7 @@ fn insert_row(
     )?;
     let id = tx.last_insert_rowid();
     event(tx, Some(id), now, state.as_str(), detail)?;
-    tx.query_row(
-        &format!("SELECT {ROW_COLUMNS} FROM boards WHERE id = ?1"),
-        [id],
-        row_from,
-    )
+    row_by_id(tx, id)
 }
 
 fn same_attestation(row: &BoardRow, b: &NewBoard) -> bool {
@@ -820,16 +836,16 @@ fn admit_one(tx: &Connection, b: &NewBoard, now: &str) -> rusqlite::Result<Admis
         return Ok(Admission::EkChanged { recorded, conflict });
     }
     if let Some(ek) = &b.ek_hash {
-        let other = tx
-            .query_row(
-                &format!(
-                    "SELECT {ROW_COLUMNS} FROM boards WHERE ek_hash = ?1 AND serial <> ?2 \
-                     ORDER BY id LIMIT 1"
-                ),
-                params![ek, b.serial],
-                row_from,
-            )
-            .optional()?;
+        let other = cached_row(
+            tx,
+            &format!(
+                "SELECT {ROW_COLUMNS} FROM boards WHERE ek_hash = ?1 AND serial <> ?2 \
+                 ORDER BY id LIMIT 1"
+            ),
+            params![ek, b.serial],
+            row_from,
+        )
+        .optional()?;
         if let Some(other) = other {
             let detail = format!("ek {ek} is recorded under serial {}", other.serial);
             let conflict = insert_conflict(tx, b, "duplicate-ek", &detail, now)?;
@@ -840,16 +856,16 @@ fn admit_one(tx: &Connection, b: &NewBoard, now: &str) -> rusqlite::Result<Admis
             });
         }
     }
-    let other = tx
-        .query_row(
-            &format!(
-                "SELECT {ROW_COLUMNS} FROM boards WHERE registration_id = ?1 AND serial <> ?2 \
-                 AND state <> 'conflict' ORDER BY id LIMIT 1"
-            ),
-            params![b.registration_id, b.serial],
-            row_from,
-        )
-        .optional()?;
+    let other = cached_row(
+        tx,
+        &format!(
+            "SELECT {ROW_COLUMNS} FROM boards WHERE registration_id = ?1 AND serial <> ?2 \
+             AND state <> 'conflict' ORDER BY id LIMIT 1"
+        ),
+        params![b.registration_id, b.serial],
+        row_from,
+    )
+    .optional()?;
     if let Some(other) = other {
         let detail = format!(
             "registration id {} is recorded under serial {}",
@@ -887,7 +903,8 @@ fn insert_conflict(
     let full = format!("{reason}: {detail}");
     let row = insert_row(tx, b, State::Conflict, Some(&full), now)?;
     // A conflict row records a scan; it never stands for its serial in later dedupes.
-    tx.execute(
+    cached_exec(
+        tx,
         "UPDATE boards SET scan_conflict = ?1 WHERE id = ?2",
         params![reason, row.id],
     )?;
@@ -902,17 +919,14 @@ fn apply_raw(tx: &Connection, id: i64, t: &Transition, now: &str) -> rusqlite::R
         Transition::Rejected { code, detail } => (Some(detail.clone()), Some(*code), None),
     };
     let to = t.target();
-    tx.execute(
+    cached_exec(
+        tx,
         "UPDATE boards SET state = ?1, detail = ?2, dps_error_code = ?3, enrolled_at = ?4, \
          updated_at = ?5 WHERE id = ?6 AND state = 'queued'",
         params![to.as_str(), detail, code, enrolled_at, now, id],
     )?;
     event(tx, Some(id), now, to.as_str(), detail.as_deref())?;
-    tx.query_row(
-        &format!("SELECT {ROW_COLUMNS} FROM boards WHERE id = ?1"),
-        [id],
-        row_from,
-    )
+    row_by_id(tx, id)
 }
 
 fn apply(tx: &Transaction<'_>, id: i64, t: &Transition, now: &str) -> Result<BoardRow, StoreError> {
@@ -921,8 +935,10 @@ fn apply(tx: &Transaction<'_>, id: i64, t: &Transition, now: &str) -> Result<Boa
         path: path.clone(),
         source,
     };
-    let current: Option<String> = tx
-        .query_row("SELECT state FROM boards WHERE id = ?1", [id], |r| r.get(0))
+    let current: Option<String> =
+        cached_row(tx, "SELECT state FROM boards WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
         .optional()
         .map_err(mk)?;
     match current.as_deref() {
